@@ -1,0 +1,330 @@
+"""Corpora: JSONL reading with clear errors, blob masking, and the embedded offline samples.
+
+Corpora are JSONL files (one JSON object a line, the text under a configurable key,
+``text`` by default), found recursively under a folder, as NeMo Curator writes them.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import json
+import re
+import sysconfig
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from dapt.artifacts import write_json
+from dapt.config import CODE_DIR, DEFAULT_DOMAIN_DATA, DEFAULT_GENERAL_DATA, param
+from dapt.errors import UserInputError
+
+DEFAULT_HELDOUT = CODE_DIR / "heldout"
+
+
+class CorpusError(UserInputError):
+    """A corpus file or folder cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One JSONL record: its text, where it came from, and its other fields."""
+
+    text: str
+    path: str
+    line: int
+    meta: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def file_type(self) -> str:
+        return str(self.meta.get("file_type", "unknown"))
+
+    @property
+    def source(self) -> str:
+        return str(self.meta.get("source") or Path(self.path).stem)
+
+
+def find_jsonl_files(path: str | Path) -> list[Path]:
+    """All ``*.jsonl`` files under ``path`` (a file or a folder, any depth), sorted."""
+    path = Path(path)
+    if not path.exists():
+        raise CorpusError(f"corpus path {path} does not exist; pass a folder of JSONL files.")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+    if not files:
+        raise CorpusError(
+            f"corpus folder {path} holds no *.jsonl files; put JSONL records there "
+            "(for the embedded sample run `python -m dapt sample-data`)."
+        )
+    return files
+
+
+def _parse_line(raw: bytes, path: Path, line_no: int, text_keys: tuple[str, ...]) -> Document | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CorpusError(
+            f"{path}:{line_no}: bytes that are not UTF-8 at offset {error.start}; re-encode the file as UTF-8."
+        ) from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise CorpusError(f"{path}:{line_no}: malformed JSON ({error.msg} at column {error.colno}).") from None
+    if not isinstance(record, dict):
+        raise CorpusError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}.")
+    key = next((k for k in text_keys if k in record), None)
+    if key is None:
+        raise CorpusError(
+            f"{path}:{line_no}: none of the text keys {list(text_keys)} is present "
+            f"(keys: {sorted(record)}); pass --text-keys to name the right one."
+        )
+    text = record[key]
+    if not isinstance(text, str):
+        raise CorpusError(f"{path}:{line_no}: field {key!r} is {type(text).__name__}, not a string.")
+    meta = {k: v for k, v in record.items() if k != key}
+    return Document(text=text, path=str(path), line=line_no, meta=meta)
+
+
+def iter_documents(path: str | Path, text_keys: Iterable[str] = ("text",)) -> Iterator[Document]:
+    """Yield every document under ``path``; raise :class:`CorpusError` on the first bad line."""
+    keys = tuple(text_keys)
+    for file in find_jsonl_files(path):
+        with open(file, "rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                doc = _parse_line(raw, file, line_no, keys)
+                if doc is not None and doc.text:
+                    yield doc
+
+
+@dataclass
+class Corpus:
+    """Documents of one corpus, loaded in memory, with counts."""
+
+    name: str
+    root: str
+    documents: list[Document]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(len(d.text.encode("utf-8")) for d in self.documents)
+
+    def summary(self) -> dict:
+        """Documents and UTF-8 bytes, in total and per file type."""
+        per_type: Counter = Counter()
+        docs_per_type: Counter = Counter()
+        for doc in self.documents:
+            per_type[doc.file_type] += len(doc.text.encode("utf-8"))
+            docs_per_type[doc.file_type] += 1
+        return {
+            "name": self.name,
+            "root": self.root,
+            "documents": len(self.documents),
+            "bytes": sum(per_type.values()),
+            "file_types": {t: {"documents": docs_per_type[t], "bytes": per_type[t]} for t in sorted(per_type)},
+        }
+
+
+def load_corpus(path: str | Path, name: str, text_keys: Iterable[str] = ("text",)) -> Corpus:
+    """Load every document under ``path``; an empty corpus is an error."""
+    docs = list(tqdm(iter_documents(path, text_keys), desc=f"reading {name}", unit=" docs", leave=False))
+    if not docs:
+        raise CorpusError(f"corpus {name} at {path} holds no non-empty documents.")
+    return Corpus(name=name, root=str(path), documents=docs)
+
+
+# --- embedded blobs -------------------------------------------------------------------------------
+
+_BLOB_PATTERNS = [
+    # base64 runs: long, no spaces, letters of both cases and digits somewhere
+    r"(?<![A-Za-z0-9+/])(?=[A-Za-z0-9+/]*[0-9+/])(?=[A-Za-z0-9+/]*[a-z])(?=[A-Za-z0-9+/]*[A-Z])"
+    r"[A-Za-z0-9+/]{24,}={0,2}",
+    # hex literals and hex dumps: 0x..., Verilog 'h..., bare runs of 16+ hex digits (hashes, ROM words)
+    r"\b0[xX][0-9a-fA-F_]{8,}\b",
+    r"'s?[hH][0-9a-fA-F_xzXZ]{8,}\b",
+    r"(?<![0-9A-Za-z_])(?=[0-9a-fA-F]*[0-9])[0-9a-fA-F]{16,}(?![0-9A-Za-z_])",
+    # bit vectors: Verilog 'b..., bare runs of 16+ binary digits
+    r"'s?[bB][01_xzXZ?]{8,}\b",
+    r"(?<![0-9A-Za-z_])[01_]{16,}(?![0-9A-Za-z_])",
+    # runs of hex byte pairs separated by spaces/commas (hex dumps)
+    r"(?:\b[0-9a-fA-F]{2}[ ,]){12,}[0-9a-fA-F]{2}\b",
+]
+BLOB_RE = re.compile("|".join(f"(?:{p})" for p in _BLOB_PATTERNS))
+
+
+def mask_blobs(text: str, replacement: str = " ") -> str:
+    """Replace embedded blobs (base64, hex dumps, hashes, bit vectors) with ``replacement``."""
+    return BLOB_RE.sub(replacement, text)
+
+
+def looks_like_blob(piece: str) -> bool:
+    """True for a token string that is a fragment of an encoded blob rather than a word of the domain."""
+    core = piece.lstrip("▁")
+    if len(core) < 6:
+        return False
+    if BLOB_RE.fullmatch(core):
+        return True
+    has_digit = any(c.isdigit() for c in core)
+    upper = sum(c.isupper() for c in core)
+    lower = sum(c.islower() for c in core)
+    alnum = core.isalnum()
+    # base64 fragments: mixed case and digits with many case switches, no separators
+    switches = sum(1 for a, b in zip(core, core[1:]) if a.isalpha() and b.isalpha() and a.isupper() != b.isupper())
+    if alnum and has_digit and upper and lower and switches >= 3:
+        return True
+    # hex fragments: only hex digits with digits and letters mixed
+    return bool(re.fullmatch(r"[0-9a-fA-F]{8,}", core) and has_digit and any(c.isalpha() for c in core))
+
+
+# --- the embedded offline sample -------------------------------------------------------------------
+
+DOMAIN_PACKAGES = {
+    # package: (SPDX licence, upstream)
+    "pythondata_cpu_cv32e40p": ("SHL-0.51", "https://github.com/openhwgroup/cv32e40p"),
+    "pythondata_cpu_mor1kx": ("CERN-OHL-W-2.0", "https://github.com/openrisc/mor1kx"),
+}
+FILE_TYPES = {
+    ".sv": "systemverilog", ".svh": "systemverilog", ".v": "verilog", ".vh": "verilog",
+    ".tcl": "tcl", ".sdc": "sdc", ".xdc": "sdc", ".rst": "rst", ".md": "markdown",
+    ".sby": "sby", ".yml": "yaml", ".yaml": "yaml", ".py": "python", ".c": "c", ".h": "c",
+    ".S": "assembly", ".s": "assembly", ".sh": "shell", ".txt": "text",
+}
+_SKIP_NAMES = re.compile(r"(?i)^(license|copying|notice)|\.license")
+_GENERATED = re.compile(r"(?i)auto-?generated|do not edit|generated by")
+
+
+@dataclass
+class SampleDataConfig:
+    """Where the embedded samples go and how they are split."""
+
+    domain_output: Path = param(DEFAULT_DOMAIN_DATA, "folder for the domain sample JSONL")
+    general_output: Path = param(DEFAULT_GENERAL_DATA, "folder for the general sample JSONL")
+    heldout_output: Path = param(DEFAULT_HELDOUT, "folder for held-out domain/general JSONL")
+    heldout_percent: int = param(10, "percent of files held out for evaluation (by file, fixed hash order)")
+    max_file_bytes: int = param(256 * 1024, "skip source files larger than this")
+    general_max_bytes: int = param(4_000_000, "cap on the general sample's size")
+
+
+def _is_heldout(key: str, percent: int) -> bool:
+    digest = hashlib.sha256(f"dapt-sample-v1:{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100 < percent
+
+
+def _read_source_file(path: Path, max_bytes: int) -> str | None:
+    size = path.stat().st_size
+    if size < 64 or size > max_bytes or _SKIP_NAMES.search(path.name):
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return None
+    if "\x00" in text or _GENERATED.search("\n".join(text.splitlines()[:25])):
+        return None
+    return text
+
+
+def domain_sample_records(max_file_bytes: int) -> Iterator[dict]:
+    """Real RTL, scripts and docs of open CPU cores, read from LiteX's pythondata packages."""
+    for package, (license_id, upstream) in DOMAIN_PACKAGES.items():
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            raise UserInputError(
+                f"package {package} is not installed; run `pip install -r requirements.txt`."
+            ) from None
+        root = Path(module.data_location)
+        for path in sorted(root.rglob("*")):
+            file_type = FILE_TYPES.get(path.suffix)
+            if file_type is None or not path.is_file() or "__pycache__" in path.parts:
+                continue
+            text = _read_source_file(path, max_file_bytes)
+            if text is not None:
+                yield {
+                    "text": text,
+                    "file_name": str(path.relative_to(root)),
+                    "file_type": file_type,
+                    "source": package.removeprefix("pythondata_cpu_"),
+                    "license": license_id,
+                    "upstream": upstream,
+                    "commit": getattr(module, "data_git_hash", ""),
+                }
+
+
+def _module_docstrings(path: Path) -> str:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return ""
+    parts = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= 200:
+                parts.append(doc)
+    return "\n\n".join(parts)
+
+
+def general_sample_records(max_bytes: int) -> Iterator[dict]:
+    """English prose from the documentation strings of Python's own standard library (PSF licence)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    total = 0
+    for path in sorted(stdlib.rglob("*.py")):
+        rel = path.relative_to(stdlib)
+        if rel.parts[0] in {"test", "site-packages", "idlelib", "lib2to3", "turtledemo", "tkinter"} or any(
+            part.startswith("test") for part in rel.parts
+        ):
+            continue
+        text = _module_docstrings(path)
+        if len(text) < 500:
+            continue
+        total += len(text.encode("utf-8"))
+        if total > max_bytes:
+            break
+        yield {
+            "text": text,
+            "file_name": str(rel),
+            "file_type": "prose",
+            "source": "python-stdlib-docstrings",
+            "license": "PSF-2.0",
+        }
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def build_sample_data(config: SampleDataConfig) -> dict:
+    """Write the embedded samples: domain RTL and general prose, each split into train and held-out files."""
+    splits: dict[str, dict[str, list[dict]]] = {"domain": {"train": [], "heldout": []},
+                                                 "general": {"train": [], "heldout": []}}
+    for kind, records in (
+        ("domain", domain_sample_records(config.max_file_bytes)),
+        ("general", general_sample_records(config.general_max_bytes)),
+    ):
+        for record in tqdm(records, desc=f"collecting {kind} sample", unit=" files", leave=False):
+            split = "heldout" if _is_heldout(record["source"] + "/" + record["file_name"],
+                                             config.heldout_percent) else "train"
+            splits[kind][split].append(record)
+    _write_jsonl(Path(config.domain_output) / "domain_sample.jsonl", splits["domain"]["train"])
+    _write_jsonl(Path(config.general_output) / "general_sample.jsonl", splits["general"]["train"])
+    _write_jsonl(Path(config.heldout_output) / "domain" / "domain_heldout.jsonl", splits["domain"]["heldout"])
+    _write_jsonl(Path(config.heldout_output) / "general" / "general_heldout.jsonl", splits["general"]["heldout"])
+    summary = {
+        kind: {split: {"documents": len(recs), "bytes": sum(len(r["text"].encode()) for r in recs)}
+               for split, recs in parts.items()}
+        for kind, parts in splits.items()
+    }
+    write_json(Path(config.heldout_output) / "sample_summary.json", summary)
+    print(json.dumps(summary, indent=2))
+    return summary
