@@ -51,6 +51,10 @@ class Profile:
     precision: str = "bf16-mixed"
     general_share: float = 0.09
     max_tensor_parallel: int = 8
+    # added for the NeMo launch (nemo_launch.py): validation cadence, model size and the GPU it is sized for
+    val_check_interval: int = 100
+    model_size: str = "7b"
+    gpu_memory_gb: int = 80
 
     @property
     def world_size(self) -> int:
@@ -64,6 +68,7 @@ PROFILES: dict[str, Profile] = {
             name="tiny",
             description="CPU: a miniature Llama on the embedded sample data (minutes on 2 cores)",
             model_family="llama",
+            model_size="tiny",
             gpus_per_node=0,
             seq_length=512,
             micro_batch_size=8,
@@ -98,15 +103,17 @@ PROFILES: dict[str, Profile] = {
         ),
         Profile(
             name="llama2-13b",
-            description="Llama-2-13b on 8 x A100 80GB, TP=4",
+            description="Llama-2-13b on 8 x A100 80GB, TP=4, data parallel 2",
             model_family="llama",
+            model_size="13b",
             gpus_per_node=8,
             tensor_parallel=4,
         ),
         Profile(
             name="llama2-70b",
-            description="Llama-2-70b on 8 nodes x 8 A100 80GB, TP=8, PP=4 (Slurm)",
+            description="Llama-2-70b on 8 nodes x 8 A100 80GB, TP=8, PP=4, data parallel 2 (Slurm)",
             model_family="llama",
+            model_size="70b",
             num_nodes=8,
             gpus_per_node=8,
             tensor_parallel=8,
