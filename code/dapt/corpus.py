@@ -171,13 +171,14 @@ def looks_like_blob(piece: str) -> bool:
     if BLOB_RE.fullmatch(core):
         return True
     has_digit = any(c.isdigit() for c in core)
-    upper = sum(c.isupper() for c in core)
-    lower = sum(c.islower() for c in core)
-    alnum = core.isalnum()
-    # base64 fragments: mixed case and digits with many case switches, no separators
+    letters = [c for c in core if c.isalpha()]
+    mixed_case = any(c.isupper() for c in letters) and any(c.islower() for c in letters)
     switches = sum(1 for a, b in zip(core, core[1:]) if a.isalpha() and b.isalpha() and a.isupper() != b.isupper())
-    if alnum and has_digit and upper and lower and switches >= 3:
-        return True
+    # base64 fragments: mixed case, many case switches, almost no vowels (CamelCase identifiers have them)
+    if core.isalnum() and mixed_case and switches >= 3:
+        vowels = sum(c in "aeiouAEIOU" for c in letters)
+        if vowels < 0.2 * len(letters):
+            return True
     # hex fragments: only hex digits with digits and letters mixed
     return bool(re.fullmatch(r"[0-9a-fA-F]{8,}", core) and has_digit and any(c.isalpha() for c in core))
 

@@ -1,0 +1,181 @@
+"""The tokenizer stage on the real Llama 2 tokenizer and the real corpora in ../shared."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+
+from dapt import guided_bpe
+from dapt.cli import main as cli
+from dapt.corpus import load_corpus
+from dapt.tokenizer import (
+    CONTROL,
+    DOMAIN_TOKENS_FILE,
+    LLAMA2_TRAINER_SETTINGS,
+    NORMAL,
+    USER_DEFINED,
+    cumulative_cut,
+    general_document_frequency,
+    load_proto,
+)
+
+
+def _run(shared_data: Path, llama2_tokenizer: Path, output: Path, *extra: str) -> int:
+    return cli([
+        "tokenizer", "--base-tokenizer", str(llama2_tokenizer),
+        "--domain-data", str(shared_data / "domain"), "--general-data", str(shared_data / "general"),
+        "--heldout-domain", str(shared_data / "heldout" / "domain_heldout.jsonl"),
+        "--heldout-general", str(shared_data / "heldout" / "general_heldout.jsonl"),
+        "--domain-vocab-size", "8000", "--output", str(output), *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def guided(shared_data: Path, llama2_tokenizer: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("guided") / "tok"
+    assert _run(shared_data, llama2_tokenizer, out, "--max-added-tokens", "1500") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def chipnemo(shared_data: Path, llama2_tokenizer: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("chipnemo") / "tok"
+    assert _run(shared_data, llama2_tokenizer, out, "--method", "chipnemo") == 0
+    return out
+
+
+def test_trainer_settings_are_llama2s(llama2_tokenizer: Path) -> None:
+    spec = load_proto(llama2_tokenizer).trainer_spec
+    normalizer = load_proto(llama2_tokenizer).normalizer_spec
+    for key, value in LLAMA2_TRAINER_SETTINGS.items():
+        if key == "model_type":
+            assert spec.model_type == spec.BPE
+        elif key == "normalization_rule_name":
+            assert normalizer.name == value
+        elif key in ("add_dummy_prefix", "remove_extra_whitespaces"):
+            assert getattr(normalizer, key) == value, key
+        else:
+            assert getattr(spec, key) == pytest.approx(value), key
+
+
+def test_base_pieces_unchanged(guided: Path, llama2_tokenizer: Path) -> None:
+    base, adapted = load_proto(llama2_tokenizer), load_proto(guided)
+    assert len(adapted.pieces) > len(base.pieces)
+    for old, new in zip(base.pieces, adapted.pieces):
+        assert (old.piece, old.score, old.type) == (new.piece, new.score, new.type)
+    assert base.trainer_spec == adapted.trainer_spec and base.normalizer_spec == adapted.normalizer_spec
+
+
+def test_guided_bpe_properties(guided: Path, llama2_tokenizer: Path) -> None:
+    report = json.loads((guided / "report.json").read_text())
+    corpora = report["corpora"]
+    assert report["added_tokens"] <= 1500
+    # (b) no general document gets longer, (d) exact round trips, HF == SentencePiece
+    for name in ("general_train", "general_heldout", "domain_train", "domain_heldout"):
+        assert corpora[name]["documents_longer"] == 0, name
+    assert abs(corpora["general_heldout"]["change_percent"]) < 0.5
+    assert corpora["domain_heldout"]["change_percent"] < -15
+    for name in ("domain_heldout", "general_heldout"):
+        assert corpora[name]["round_trip_failures"] == []
+        assert report["hf_agreement"][name]["differing"] == 0
+    # (c) every added token reachable
+    assert report["reachability"]["reachable"] == report["added_tokens"]
+    assert report["reachability"]["unreachable"] == []
+    # padding: a multiple of 128 x 8 with at least 3 reserved tokens
+    assert report["vocab_size"] % 1024 == 0 and report["reserved_tokens"] >= 3
+
+
+def test_added_pieces_are_normal_and_ordered_below_base(guided: Path, llama2_tokenizer: Path) -> None:
+    base, adapted = load_proto(llama2_tokenizer), load_proto(guided)
+    tokens = json.loads((guided / DOMAIN_TOKENS_FILE).read_text())
+    floor = min(p.score for p in base.pieces)
+    added = [t for t in tokens["tokens"] if t["kind"] == "domain"]
+    reserved = [t for t in tokens["tokens"] if t["kind"] == "reserved"]
+    assert tokens["base_vocab_size"] == len(base.pieces) and tokens["vocab_size"] == len(adapted.pieces)
+    scores = [adapted.pieces[t["id"]].score for t in added]
+    assert all(adapted.pieces[t["id"]].type == NORMAL and adapted.pieces[t["id"]].piece == t["token"] for t in added)
+    assert max(scores) < floor and all(a > b for a, b in zip(scores, scores[1:]))
+    assert all(adapted.pieces[t["id"]].type == CONTROL for t in reserved)
+    assert not any("\n" in t["token"] or "\t" in t["token"] for t in added)
+
+
+def test_fast_tokenizer_matches_sentencepiece_on_held_out(guided: Path, shared_data: Path) -> None:
+    from transformers import AutoTokenizer
+
+    fast = AutoTokenizer.from_pretrained(str(guided))
+    sp = spm.SentencePieceProcessor(model_file=str(guided / "tokenizer.model"))
+    texts = [d.text for d in load_corpus(shared_data / "heldout", "heldout").documents]
+    assert fast(texts, add_special_tokens=False)["input_ids"] == sp.encode(texts)
+    assert len(fast) == sp.get_piece_size()
+
+
+def test_chipnemo_recipe_is_the_fixed_original(chipnemo: Path, llama2_tokenizer: Path) -> None:
+    report = json.loads((chipnemo / "report.json").read_text())
+    adapted = load_proto(chipnemo)
+    first = report["base_vocab_size"]
+    added = adapted.pieces[first:first + report["added_tokens"]]
+    assert all(p.type == USER_DEFINED for p in added)
+    assert all(any(c.isalpha() for c in p.piece) for p in added)
+    # the known defect of USER_DEFINED pieces, measured rather than hidden
+    assert report["corpora"]["domain_heldout"]["change_percent"] < 0
+    assert report["corpora"]["general_train"]["documents_longer"] > 0
+
+
+def test_default_method_beats_chipnemo(guided: Path, chipnemo: Path) -> None:
+    ours = json.loads((guided / "report.json").read_text())["corpora"]
+    theirs = json.loads((chipnemo / "report.json").read_text())["corpora"]
+    assert ours["domain_heldout"]["change_percent"] < theirs["domain_heldout"]["change_percent"]
+    assert ours["general_heldout"]["documents_longer"] <= theirs["general_heldout"]["documents_longer"]
+
+
+def test_rerun_with_other_parameters_replaces_the_folder(guided: Path, shared_data: Path, llama2_tokenizer: Path,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "tok"
+    shutil.copytree(guided, out)
+    small = ["--domain-data", str(shared_data / "heldout" / "domain_heldout.jsonl"),
+             "--general-data", str(shared_data / "heldout" / "general_heldout.jsonl"), "--domain-vocab-size", "2000"]
+    assert _run(shared_data, llama2_tokenizer, out, "--max-added-tokens", "300", *small) == 0
+    adapted = load_proto(out)
+    pieces = [p.piece for p in adapted.pieces]
+    assert len(pieces) == len(set(pieces))
+    report = json.loads((out / "report.json").read_text())
+    assert report["added_tokens"] <= 300
+    assert json.loads((out / "manifest.json").read_text())["parameters"]["max_added_tokens"] == 300
+    assert not list(tmp_path.glob(".tok.*"))
+
+
+def test_cumulative_cut() -> None:
+    assert cumulative_cut([50, 30, 10, 5, 3, 2], 0.98) == 5
+    assert cumulative_cut([50, 30, 10, 5, 3, 2], 0.5) == 1
+    assert cumulative_cut([1] * 13, 0.98) == 13
+    assert cumulative_cut([10, 10, 10], 1.0) == 3
+    assert cumulative_cut([], 0.98) == 0
+
+
+def test_general_document_frequency_is_a_substring_count(shared_data: Path) -> None:
+    general = load_corpus(shared_data / "general", "general")
+    general.documents = general.documents[:60]
+    pieces = ["▁the", "ff", "▁Alice", "▁always_ff", "ing▁"]
+    expected = Counter()
+    for doc in general.documents:
+        normalised = "▁" + doc.text.replace(" ", "▁")
+        expected.update(p for p in pieces if p in normalised)
+    assert general_document_frequency(pieces, general) == expected
+
+
+def test_learn_merges_on_a_toy_corpus() -> None:
+    domain = Counter({("▁a", "l", "w", "a", "y", "s"): 10, ("▁r", "e", "g"): 6, ("1", "2"): 9})
+    general = Counter({("▁r", "e", "g"): 5})
+    result = guided_bpe.learn_merges(domain, general, {"▁a", "l", "w", "a", "y", "s", "▁r", "e", "g", "1", "2"},
+                                     max_merges=10, min_domain_count=2, progress=False)
+    pieces = [m.piece for m in result.merges]
+    assert pieces[-1] == "▁always" and "lw" in pieces or "al" in "".join(pieces)
+    assert "12" not in pieces  # digits stay split
+    assert "eg" not in pieces and "▁re" not in pieces  # general use outweighs domain use (6 - 4 x 5 < 0)
+    kept = guided_bpe.select_by_use(result, 1.0)
+    assert kept[-1].piece == "▁always" and len(kept) == len(result.merges)
