@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from dapt.artifacts import stage_output, write_json
 from dapt.cli import main
 from dapt.config import DEFAULT_GENERAL_DATA
@@ -51,7 +52,8 @@ def sample_data() -> tuple[Path, Path]:
 
 def _train_base_proto(general: Path):
     import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    from dapt.compat import sentencepiece_model_pb2 as model_pb2
 
     texts, size = [], 0
     for doc in iter_documents(general):
@@ -73,7 +75,7 @@ def _train_base_proto(general: Path):
 
 def _extend(proto) -> list[dict]:
     """Append domain pieces (NORMAL, scores below the base ones) and reserved pieces up to VOCAB."""
-    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    from dapt.compat import sentencepiece_model_pb2 as model_pb2
 
     piece_type = model_pb2.ModelProto.SentencePiece
     lowest = min(piece.score for piece in proto.pieces)
@@ -183,7 +185,11 @@ def test_verify_catches_an_hf_tokenizer_that_disagrees_with_sentencepiece(export
     # the transformers 4.57 conversion pitfall: without add_prefix_space the fast tokenizer prepends no "▁",
     # unlike SentencePiece's dummy prefix (with add_prefix_space set, transformers rebuilds tokenizer.json)
     tokenizer_json = json.loads((broken / "tokenizer.json").read_text())
-    tokenizer_json["pre_tokenizer"]["prepend_scheme"] = "never"
+    if tokenizer_json["pre_tokenizer"]:  # transformers >= 4.41: a Metaspace pre-tokenizer adds the "▁"
+        tokenizer_json["pre_tokenizer"]["prepend_scheme"] = "never"
+    else:  # transformers 4.40 (NeMo 24.07): a Prepend normalizer adds it
+        normalizers = tokenizer_json["normalizer"]["normalizers"]
+        tokenizer_json["normalizer"]["normalizers"] = [n for n in normalizers if n["type"] != "Prepend"]
     (broken / "tokenizer.json").write_text(json.dumps(tokenizer_json))
     tokenizer_config = json.loads((broken / "tokenizer_config.json").read_text())
     del tokenizer_config["add_prefix_space"]
@@ -316,6 +322,8 @@ def _wait_until_healthy(process: subprocess.Popen, port: int, log: Path) -> None
 def served_export(exported, tmp_path):
     """`transformers serve` on the exported folder, on loopback only; stopped after the test."""
     serving = pytest.importorskip("transformers.commands.serving")
+    if not hasattr(serving, "serve_dependencies_available"):  # transformers 4.40 (NeMo 24.07): old `serve`
+        pytest.skip("this transformers has no OpenAI-compatible `transformers serve` (added after 4.40)")
     if not serving.serve_dependencies_available:
         pytest.skip("`transformers serve` needs fastapi, uvicorn, pydantic and openai (pip install them)")
     port, log = _free_port(), tmp_path / "server.log"

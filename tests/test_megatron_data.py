@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from dapt.artifacts import file_sha256
 from dapt.corpus import iter_documents
 from dapt.errors import UserInputError

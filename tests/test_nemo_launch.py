@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from dapt.config import get_profile
 from dapt.errors import UserInputError
 from dapt.megatron_data import DataConfig, build_megatron_data
@@ -24,7 +25,7 @@ from dapt.nemo_launch import (
 
 def _extended_tokenizer(base: Path, extra: int, folder: Path) -> Path:
     """Llama 2 + ``extra`` NORMAL pieces scored below every base piece (what the tokenizer stage appends)."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
+    from dapt.compat import sentencepiece_model_pb2 as pb
 
     proto = pb.ModelProto()
     proto.ParseFromString(base.read_bytes())
