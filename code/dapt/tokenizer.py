@@ -16,6 +16,7 @@ Two merge methods:
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -26,10 +27,10 @@ from typing import Literal
 
 import numpy as np
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from dapt import guided_bpe
 from dapt.artifacts import file_sha256, stage_output, write_json
+from dapt.compat import sentencepiece_model_pb2 as sp_pb2
 from dapt.config import DEFAULT_GENERAL_DATA, DEFAULT_OUTPUTS, param
 from dapt.corpus import DEFAULT_HELDOUT, Corpus, load_corpus, looks_like_blob, mask_blobs
 from dapt.errors import UserInputError
@@ -110,6 +111,50 @@ def without_dummy_prefix(model: sp_pb2.ModelProto) -> spm.SentencePieceProcessor
 def surface(piece: str) -> str:
     """The text a piece stands for ('▁' is a space)."""
     return piece.replace("▁", " ")
+
+
+_CHUNK = re.compile(r" +[^ ]*|[^ ]+")
+
+
+def chunk_safe(model: sp_pb2.ModelProto) -> bool:
+    """True when encoding a text equals encoding its space-delimited chunks one by one.
+
+    That holds when the normaliser is the identity and keeps spaces, and no piece
+    holds a space ('▁') after another character: then no piece can span the start
+    of a run of spaces, so chunks starting there are independent.
+    """
+    spec = model.normalizer_spec
+    if spec.name != "identity" or spec.remove_extra_whitespaces or model.trainer_spec.treat_whitespace_as_suffix:
+        return False
+    return not any(re.search(r"[^▁]▁", p.piece) for p in model.pieces)
+
+
+def encode_texts(model: sp_pb2.ModelProto, texts: list[str]) -> list[list[int]]:
+    """SentencePiece ids of many texts, each distinct space-delimited chunk encoded once.
+
+    Gives exactly what ``SentencePieceProcessor.encode`` gives (see :func:`chunk_safe`;
+    other models are encoded whole), several times faster on real corpora, where
+    most chunks repeat.
+    """
+    if not chunk_safe(model):
+        return processor(model).encode(texts, num_threads=2)
+    prefix = " " if model.normalizer_spec.add_dummy_prefix else ""
+    chunked = []
+    for text in texts:
+        chunks = _CHUNK.findall(text)
+        if chunks:
+            chunks[0] = prefix + chunks[0]
+        chunked.append(chunks)
+    unique = list({c for chunks in chunked for c in chunks})
+    encoded = without_dummy_prefix(model).encode(unique, num_threads=2)
+    table = dict(zip(unique, encoded))
+    result = []
+    for chunks in chunked:
+        ids: list[int] = []
+        for chunk in chunks:
+            ids.extend(table[chunk])
+        result.append(ids)
+    return result
 
 
 # --- training --------------------------------------------------------------------------------------
@@ -320,7 +365,7 @@ def select_chipnemo(
     extended = extend_model(base, candidates.pieces, USER_DEFINED)
     first_new = len(base.pieces)
     uses: Counter = Counter()
-    for ids in processor(extended).encode(domain_texts, num_threads=2):
+    for ids in encode_texts(extended, domain_texts):
         uses.update(i for i in ids if i >= first_new)
     ranked = sorted(((uses[first_new + k], p) for k, p in enumerate(candidates.pieces) if uses[first_new + k] > 0),
                     key=lambda item: (-item[0], item[1]))
@@ -488,9 +533,7 @@ def adapt_tokenizer(config: TokenizerConfig) -> Path:
             f"no candidate domain tokens: every piece of the {config.domain_vocab_size}-piece domain tokenizer is "
             f"in the base vocabulary or frequent in {config.general_data}; raise --domain-vocab-size or --occur-limit."
         )
-    base_sp = processor(base)
-    before = {"domain_train": base_sp.encode(domain_texts, num_threads=2),
-              "general_train": base_sp.encode(general_texts, num_threads=2)}
+    before = {"domain_train": encode_texts(base, domain_texts), "general_train": encode_texts(base, general_texts)}
     lap("base segmentation")
     if config.method == "chipnemo":
         selection = select_chipnemo(base, candidates, domain_texts, config.freq_threshold, config.max_added_tokens)
@@ -499,11 +542,11 @@ def adapt_tokenizer(config: TokenizerConfig) -> Path:
     lap("select tokens")
 
     model = extend_model(base, selection.pieces, selection.piece_type)
-    domain_ids = processor(model).encode(domain_texts, num_threads=2)
+    domain_ids = encode_texts(model, domain_texts)
     pieces = prune_unused(model, len(base.pieces), selection.pieces, domain_ids, selection.piece_type)
     if len(pieces) != len(selection.pieces):
         model = extend_model(base, pieces, selection.piece_type)
-        domain_ids = processor(model).encode(domain_texts, num_threads=2)
+        domain_ids = encode_texts(model, domain_texts)
     reach = reachability(model, len(base.pieces), len(pieces), domain_ids)
     after = {"domain_train": domain_ids}
     added_count = len(pieces)

@@ -7,8 +7,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
+from dapt.compat import sentencepiece_model_pb2 as sp_pb2
 from dapt.corpus import Corpus, CorpusError, load_corpus
 
 
@@ -93,11 +93,13 @@ def build_report(base: sp_pb2.ModelProto, adapted: sp_pb2.ModelProto, folder: Pa
 
     ``before``/``after`` hold segmentations already computed by the caller; missing ones are encoded here.
     """
+    from dapt.tokenizer import encode_texts
+
     base_sp, adapted_sp = _processor(base), _processor(adapted)
     report: dict = {"corpora": {}, "hf_agreement": {}}
     for name, (corpus, texts) in train.items():
-        ids_before = before.get(name) or base_sp.encode(texts, num_threads=2)
-        ids_after = after.get(name) or adapted_sp.encode(texts, num_threads=2)
+        ids_before = before.get(name) or encode_texts(base, texts)
+        ids_after = after.get(name) or encode_texts(adapted, texts)
         report["corpora"][name] = corpus_stats(corpus, texts, ids_before, ids_after)
     for name, path in heldout.items():
         corpus = _optional_corpus(path, name, text_keys)
