@@ -13,7 +13,7 @@ import torch
 
 from dapt import cli
 from dapt.artifacts import file_sha256, read_manifest
-from dapt.config import CODE_DIR
+from dapt.config import CODE_DIR, get_profile
 from dapt.cpu_train import (
     TrainConfig,
     TrainInputError,
@@ -22,6 +22,7 @@ from dapt.cpu_train import (
     resolve_hyperparameters,
     train,
 )
+from dapt.errors import UserInputError
 
 HELDOUT = CODE_DIR / "heldout"
 
@@ -145,8 +146,11 @@ def test_impossible_hyperparameters_are_refused(setup, overrides, message) -> No
 
 
 def test_profile_fills_unset_hyperparameters(setup) -> None:
+    tiny = get_profile("tiny")
     hp = resolve_hyperparameters(TrainConfig(profile="tiny"))
-    assert (hp.seq_length, hp.micro_batch_size, hp.adam_beta2, hp.weight_decay) == (512, 8, 0.95, 0.01)
+    assert (hp.seq_length, hp.micro_batch_size) == (tiny.seq_length, tiny.micro_batch_size)
+    assert hp.max_steps == tiny.max_steps
+    assert (hp.adam_beta2, hp.weight_decay) == (0.95, 0.01)
     assert resolve_hyperparameters(_config(setup, "x")).gradient_accumulation_steps == 2
 
 
@@ -176,7 +180,7 @@ def test_vocabulary_larger_than_the_model_is_refused(setup, tmp_path) -> None:
 
 
 def test_missing_data_sidecar_is_refused(setup, tmp_path) -> None:
-    with pytest.raises(TrainInputError, match="dapt.json is missing"):
+    with pytest.raises(UserInputError, match=r"nothing\.dapt\.json does not exist"):
         train(_config(setup, "refused", data_prefix=tmp_path / "nothing"))
 
 

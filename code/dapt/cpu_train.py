@@ -39,6 +39,7 @@ import numpy as np
 from dapt.artifacts import file_sha256, read_manifest, stage_output, write_json
 from dapt.config import DEFAULT_OUTPUTS, get_profile, param
 from dapt.errors import UserInputError
+from dapt.megatron_data import read_data_record, sidecar_path, split_prefix
 
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -164,23 +165,12 @@ def _import_indexed_dataset() -> type:
     return IndexedDataset
 
 
-def split_prefix(prefix: Path, split: str) -> Path:
-    """The indexed-dataset path prefix of one split: ``PREFIX_<split>_text_document``."""
-    return Path(f"{prefix}_{split}_text_document")
-
-
 def read_data_sidecar(prefix: Path) -> dict[str, Any]:
     """The ``PREFIX.dapt.json`` record of a dataset (tokenizer hash, vocab size, EOD id)."""
-    sidecar = Path(f"{prefix}.dapt.json")
-    if not sidecar.is_file():
-        raise TrainInputError(
-            f"data prefix {prefix}: {sidecar} is missing; build the data with `python -m dapt data` "
-            "(it records which tokenizer built it)."
-        )
-    meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    meta = read_data_record(prefix)
     missing = [k for k in ("tokenizer_sha256", "vocab_size", "eod_id") if k not in meta]
     if missing:
-        raise TrainInputError(f"{sidecar} lacks {missing}; rebuild the data with `python -m dapt data`.")
+        raise TrainInputError(f"{sidecar_path(prefix)} lacks {missing}; rebuild the data with `python -m dapt data`.")
     return meta
 
 
