@@ -12,16 +12,20 @@ import sentencepiece as spm
 
 from dapt import guided_bpe
 from dapt.cli import main as cli
-from dapt.corpus import load_corpus
+from dapt.corpus import load_corpus, mask_blobs, mask_blobs_by_line
 from dapt.tokenizer import (
     CONTROL,
     DOMAIN_TOKENS_FILE,
     LLAMA2_TRAINER_SETTINGS,
     NORMAL,
     USER_DEFINED,
+    ChunkEncoder,
+    TrainingLines,
+    _training_lines,
     cumulative_cut,
     general_document_frequency,
     load_proto,
+    processor,
 )
 
 
@@ -179,3 +183,56 @@ def test_learn_merges_on_a_toy_corpus() -> None:
     assert "eg" not in pieces and "▁re" not in pieces  # general use outweighs domain use (6 - 4 x 5 < 0)
     kept = guided_bpe.select_by_use(result, 1.0)
     assert kept[-1].piece == "▁always" and len(kept) == len(result.merges)
+
+
+def test_two_runs_give_byte_identical_tokenizers(shared_data: Path, llama2_tokenizer: Path, tmp_path: Path) -> None:
+    small = ["--domain-data", str(shared_data / "heldout" / "domain_heldout.jsonl"),
+             "--general-data", str(shared_data / "heldout" / "general_heldout.jsonl"), "--domain-vocab-size", "2000",
+             "--max-added-tokens", "200"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _run(shared_data, llama2_tokenizer, first, *small) == 0
+    assert _run(shared_data, llama2_tokenizer, second, *small, "--workers", "1") == 0
+    for name in ("tokenizer.model", "domain_tokenizer.model", DOMAIN_TOKENS_FILE):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    reports = [json.loads((folder / "report.json").read_text()) for folder in (first, second)]
+    for report in reports:
+        del report["seconds"], report["cpu_seconds"], report["selection"]["bpe_seconds"]
+    assert reports[0] == reports[1]
+
+
+def test_fast_blob_masking_equals_the_pattern(shared_data: Path) -> None:
+    texts = [d.text for d in load_corpus(shared_data / "heldout", "heldout").documents]
+    texts += ["x\n'hDEADBEEF00\n", "é 0x12345678 ü\n\n" + "Ab1" * 10, "é" * 5 + "0101010101010101_01",
+              "ab cd ef 01 02 03 04 05 06 07 08 09 0a 0b 0c", "plain text\nwithout blobs"]
+    masked = [mask_blobs(t) for t in texts]
+    assert sum(m != t for m, t in zip(masked, texts)) > 5
+    assert [mask_blobs_by_line(t) for t in texts] == masked
+
+
+def test_training_line_sample_is_capped_and_order_free() -> None:
+    docs = [f"line {i}\n\nrepeat\nother {i % 7}" for i in range(300)]
+    small, shuffled, reversed_ = TrainingLines(10_000), TrainingLines(250), TrainingLines(250)
+    for doc in docs:
+        small.add(doc)
+        shuffled.add(doc)
+    for doc in reversed(docs):
+        reversed_.add(doc)
+    assert small.result() == _training_lines(docs)  # under the cap: every line, in order
+    assert len(shuffled.result()) == 250 and shuffled.seen == 900
+    assert shuffled.result() == reversed_.result()
+
+
+def test_chunked_word_counts_equal_whole_documents(shared_data: Path, llama2_tokenizer: Path) -> None:
+    base = load_proto(llama2_tokenizer)
+    texts = [d.text for d in load_corpus(shared_data / "heldout" / "domain_heldout.jsonl", "d").documents][:20]
+    texts.append("tab\there ünïcödé 𝔘 and\u3000ideographic space  two  spaces")
+    table = [p.piece for p in base.pieces]
+    vocab = set(table)
+    whole = guided_bpe.count_words([[table[i] for i in ids] for ids in processor(base).encode(texts)], vocab)
+    encoder = ChunkEncoder(base, max_cached=50)  # a tiny cache: emptied between batches
+    chunked: Counter = Counter()
+    for text in texts:
+        units = encoder.units(text)
+        encoder.prepare(units)
+        guided_bpe.add_weighted_words(chunked, [([table[i] for i in encoder.cache[u]], 1) for u in units], vocab)
+    assert chunked == whole

@@ -163,6 +163,59 @@ def mask_blobs(text: str, replacement: str = " ") -> str:
     return BLOB_RE.sub(replacement, text)
 
 
+def _class_table(chars: bytes, mark: bytes = b"a") -> bytes:
+    return bytes(mark[0] if byte in chars else ord(".") for byte in range(256))
+
+
+_ALNUM = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_HEX = b"0123456789abcdefABCDEF"
+# Necessary conditions for a blob on a line, found in the UTF-8 bytes (each blob pattern's
+# characters are ASCII): a run of 16 base64 characters, a run of 16 of [01_], two hex pairs
+# each followed by a space or comma, or the literal starts of the 0x.../'h.../'b... patterns.
+_RUN_SCANS = [
+    (_class_table(_ALNUM + b"+/"), b"a" * 16),
+    (_class_table(b"01_"), b"a" * 16),
+    (bytes(ord("h") if b in _HEX else ord("s") if b in b" ," else ord(".") for b in range(256)), b"hhshhs"),
+]
+_LITERAL_SCAN = re.compile(rb"0[xX][0-9a-fA-F_]{8}|'s?[hHbB][0-9a-fA-F_xzXZ?]{8}")
+
+
+def _blob_line_numbers(data: bytes) -> set[int]:
+    """Indices of the lines of ``data`` (UTF-8) that may hold a blob."""
+    positions: list[int] = [m.start() for m in _LITERAL_SCAN.finditer(data)]
+    for table, needle in _RUN_SCANS:
+        codes = data.translate(table)
+        found = codes.find(needle)
+        while found >= 0:
+            positions.append(found)
+            end = data.find(b"\n", found)
+            if end < 0:
+                break
+            found = codes.find(needle, end)
+    lines: set[int] = set()
+    line, last = 0, 0
+    for position in sorted(positions):
+        line += data.count(b"\n", last, position)
+        last = position
+        lines.add(line)
+    return lines
+
+
+def mask_blobs_by_line(text: str, replacement: str = " ") -> str:
+    """The same as :func:`mask_blobs`, several times faster on large corpora.
+
+    No blob pattern crosses a line break, so the full pattern runs only on the lines
+    where a quick byte-level scan finds what every blob must contain.
+    """
+    candidates = _blob_line_numbers(text.encode("utf-8", "surrogatepass"))
+    if not candidates:
+        return text
+    lines = text.split("\n")
+    for index in candidates:
+        lines[index] = BLOB_RE.sub(replacement, lines[index])
+    return "\n".join(lines)
+
+
 def looks_like_blob(piece: str) -> bool:
     """True for a token string that is a fragment of an encoded blob rather than a word of the domain."""
     core = piece.lstrip("▁")
@@ -329,3 +382,51 @@ def build_sample_data(config: SampleDataConfig) -> dict:
     write_json(Path(config.heldout_output) / "sample_summary.json", summary)
     print(json.dumps(summary, indent=2))
     return summary
+
+
+# --- streaming -------------------------------------------------------------------------------------
+
+
+def iter_batches(path: str | Path, text_keys: Iterable[str] = ("text",),
+                 batch_chars: int = 8_000_000) -> Iterator[list[Document]]:
+    """Documents under ``path`` in lists of about ``batch_chars`` characters, in corpus order."""
+    batch: list[Document] = []
+    size = 0
+    for doc in iter_documents(path, text_keys):
+        batch.append(doc)
+        size += len(doc.text)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class CorpusCounter:
+    """Running document and byte counts of a streamed corpus; :meth:`summary` matches :meth:`Corpus.summary`."""
+
+    def __init__(self, name: str, root: str | Path):
+        self.name, self.root = name, str(root)
+        self.bytes_per_type: Counter = Counter()
+        self.docs_per_type: Counter = Counter()
+
+    def add(self, doc: Document) -> None:
+        self.bytes_per_type[doc.file_type] += len(doc.text.encode("utf-8"))
+        self.docs_per_type[doc.file_type] += 1
+
+    @property
+    def documents(self) -> int:
+        return sum(self.docs_per_type.values())
+
+    def summary(self) -> dict:
+        """Documents and UTF-8 bytes, in total and per file type; an empty corpus is an error."""
+        if not self.documents:
+            raise CorpusError(f"corpus {self.name} at {self.root} holds no non-empty documents.")
+        per_type = self.bytes_per_type
+        return {
+            "name": self.name,
+            "root": self.root,
+            "documents": self.documents,
+            "bytes": sum(per_type.values()),
+            "file_types": {t: {"documents": self.docs_per_type[t], "bytes": per_type[t]} for t in sorted(per_type)},
+        }

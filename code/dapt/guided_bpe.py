@@ -82,6 +82,18 @@ def count_words(segmentations: Iterable[Sequence[str]], vocab: set[str]) -> Coun
     return counts
 
 
+def add_weighted_words(counts: Counter, segmentations: Iterable[tuple[Sequence[str], int]], vocab: set[str]) -> None:
+    """Add the word types of ``(segmentation, multiplicity)`` pairs to ``counts``.
+
+    Used with the distinct space-delimited chunks of a corpus and their counts: a
+    chunk starts with '▁' (or is a document's start), so chunk boundaries are word
+    boundaries and counting chunk by chunk equals :func:`count_words` on whole documents.
+    """
+    for pieces, multiplicity in segmentations:
+        for word in split_words(pieces_to_symbols(pieces), vocab):
+            counts[word] += multiplicity
+
+
 @dataclass(frozen=True)
 class Merge:
     """One learned merge: ``left + right -> piece``, with the counts that chose it."""

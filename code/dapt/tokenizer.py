@@ -15,24 +15,40 @@ Two merge methods:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import re
 import shutil
 import tempfile
 import time
+import zlib
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import sentencepiece as spm
+from tqdm.auto import tqdm
 
 from dapt import guided_bpe
 from dapt.artifacts import file_sha256, stage_output, write_json
 from dapt.compat import sentencepiece_model_pb2 as sp_pb2
 from dapt.config import DEFAULT_GENERAL_DATA, DEFAULT_OUTPUTS, param
-from dapt.corpus import DEFAULT_HELDOUT, Corpus, load_corpus, looks_like_blob, mask_blobs
+from dapt.corpus import (
+    DEFAULT_HELDOUT,
+    Corpus,
+    CorpusCounter,
+    Document,
+    find_jsonl_files,
+    iter_batches,
+    load_corpus,
+    looks_like_blob,
+    mask_blobs_by_line,
+)
 from dapt.errors import UserInputError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -129,6 +145,63 @@ def chunk_safe(model: sp_pb2.ModelProto) -> bool:
     return not any(re.search(r"[^▁]▁", p.piece) for p in model.pieces)
 
 
+class ChunkEncoder:
+    """Exact SentencePiece ids of texts, each distinct space-delimited chunk encoded once.
+
+    A text is cut into units: its space-delimited chunks when :func:`chunk_safe`
+    holds (the first one with the dummy prefix), else the whole text. Units are
+    encoded in batches and cached across calls; the cache is emptied when it would
+    exceed ``max_cached`` units, so memory stays bounded on any corpus.
+    """
+
+    def __init__(self, model: sp_pb2.ModelProto, max_cached: int = 500_000):
+        self.chunked = chunk_safe(model)
+        self.prefix = " " if model.normalizer_spec.add_dummy_prefix else ""
+        self.sp = without_dummy_prefix(model) if self.chunked else processor(model)
+        self.max_cached = max_cached
+        self.pieces = [p.piece for p in model.pieces]
+        self.cache: dict[str, list[int]] = {}
+
+    def units(self, text: str) -> list[str]:
+        """The pieces of ``text`` that are encoded independently."""
+        if not self.chunked:
+            return [text]
+        chunks = _CHUNK.findall(text)
+        if chunks:
+            chunks[0] = self.prefix + chunks[0]
+        return chunks
+
+    def prepare(self, units: Iterable[str]) -> None:
+        """Encode every unit not cached yet, in one multi-threaded call."""
+        cache = self.cache
+        distinct = set(units)
+        missing = [u for u in distinct if u not in cache]
+        if len(cache) + len(missing) > self.max_cached:
+            cache.clear()
+            missing = list(distinct)
+        if missing:
+            cache.update(zip(missing, self.sp.encode(missing, num_threads=2)))
+
+    def length(self, units: list[str]) -> int:
+        """Number of tokens of a text given its (prepared) units."""
+        return sum(map(len, map(self.cache.__getitem__, units)))
+
+    def ids(self, units: list[str]) -> list[int]:
+        """The ids of a text given its (prepared) units."""
+        result: list[int] = []
+        for unit in units:
+            result.extend(self.cache[unit])
+        return result
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """SentencePiece ids of ``texts``."""
+        per_text = [self.units(t) for t in texts]
+        if not self.chunked:
+            return self.sp.encode(texts, num_threads=2)
+        self.prepare(u for units in per_text for u in units)
+        return [self.ids(units) for units in per_text]
+
+
 def encode_texts(model: sp_pb2.ModelProto, texts: list[str]) -> list[list[int]]:
     """SentencePiece ids of many texts, each distinct space-delimited chunk encoded once.
 
@@ -136,38 +209,68 @@ def encode_texts(model: sp_pb2.ModelProto, texts: list[str]) -> list[list[int]]:
     other models are encoded whole), several times faster on real corpora, where
     most chunks repeat.
     """
-    if not chunk_safe(model):
-        return processor(model).encode(texts, num_threads=2)
-    prefix = " " if model.normalizer_spec.add_dummy_prefix else ""
-    chunked = []
-    for text in texts:
-        chunks = _CHUNK.findall(text)
-        if chunks:
-            chunks[0] = prefix + chunks[0]
-        chunked.append(chunks)
-    unique = list({c for chunks in chunked for c in chunks})
-    encoded = without_dummy_prefix(model).encode(unique, num_threads=2)
-    table = dict(zip(unique, encoded))
-    result = []
-    for chunks in chunked:
-        ids: list[int] = []
-        for chunk in chunks:
-            ids.extend(table[chunk])
-        result.append(ids)
-    return result
+    return ChunkEncoder(model).encode(texts)
 
 
 # --- training --------------------------------------------------------------------------------------
 
 
-def _training_lines(texts: list[str]) -> list[str]:
+def _training_lines(texts: Iterable[str]) -> list[str]:
     """SentencePiece trains on lines: split documents, drop blank lines."""
     return [line for text in texts for line in text.split("\n") if line.strip()]
 
 
-def train_sentencepiece(texts: list[str], vocab_size: int, settings: dict, threads: int = 2) -> sp_pb2.ModelProto:
-    """Train a SentencePiece model in memory on the lines of ``texts``."""
-    lines = _training_lines(texts)
+class TrainingLines:
+    """The domain tokenizer's training lines, at most ``limit`` of them, chosen independently of order.
+
+    Below the limit every non-blank line is kept in corpus order. Above it, the
+    lines with the smallest (CRC-32, text) keys are kept, in key order: the same
+    sample whatever order the documents come in, and memory bounded by the limit.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.seen = 0
+        self.lines: list[str] = []
+        self.keyed: list[tuple[int, str]] | None = None
+        self.cutoff = (1 << 32, "")
+
+    def add(self, text: str) -> None:
+        lines = [line for line in text.split("\n") if line.strip()]
+        self.seen += len(lines)
+        if self.keyed is None:
+            self.lines.extend(lines)
+            if len(self.lines) > self.limit:
+                self.keyed = []
+                self._add_keyed(self.lines)
+                self.lines = []
+        else:
+            self._add_keyed(lines)
+
+    def _add_keyed(self, lines: list[str]) -> None:
+        keys = map(zlib.crc32, map(str.encode, lines, repeat("utf-8", len(lines)), repeat("surrogatepass", len(lines))))
+        cut_key = self.cutoff[0]
+        self.keyed.extend((k, line) for k, line in zip(keys, lines) if k <= cut_key)
+        if len(self.keyed) > self.limit + self.limit // 2:
+            self._shrink()
+
+    def _shrink(self) -> None:
+        self.keyed.sort()
+        del self.keyed[self.limit:]
+        self.cutoff = self.keyed[-1]
+
+    def result(self) -> list[str]:
+        """The kept lines."""
+        if self.keyed is None:
+            return self.lines
+        self._shrink()
+        return [line for _, line in self.keyed]
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, settings: dict, threads: int = 2,
+                        lines: list[str] | None = None) -> sp_pb2.ModelProto:
+    """Train a SentencePiece model in memory on the lines of ``texts`` (or on ``lines`` as given)."""
+    lines = _training_lines(texts) if lines is None else lines
     if not lines:
         raise TokenizerError("no training text: the corpus holds only blank lines.")
     buffer = _BytesSink()
@@ -189,6 +292,11 @@ def train_sentencepiece(texts: list[str], vocab_size: int, settings: dict, threa
     model = sp_pb2.ModelProto()
     model.ParseFromString(buffer.data)
     return model
+
+
+def _train_serialized(lines: list[str], vocab_size: int, settings: dict) -> bytes:
+    """Child-process entry: train on ``lines`` and return the serialised model."""
+    return train_sentencepiece((), vocab_size, settings, lines=lines).SerializeToString()
 
 
 class _BytesSink:
@@ -234,9 +342,14 @@ class Candidates:
     dropped: dict[str, int]
 
 
-def general_document_frequency(pieces: list[str], general: Corpus) -> Counter:
+def _texts_of(corpus: Corpus | Iterable[str]) -> Iterable[str]:
+    return (d.text for d in corpus.documents) if isinstance(corpus, Corpus) else corpus
+
+
+def general_document_frequency(pieces: list[str], general: Corpus | Iterable[str]) -> Counter:
     """In how many general documents each piece occurs as a substring, in one pass over the corpus.
 
+    ``general`` is a loaded corpus or any iterable of document texts (a stream).
     Text is compared in SentencePiece's normalised form (spaces as '▁', a leading
     '▁'), so a piece matches wherever SentencePiece could see it. One Aho-Corasick
     automaton scans each document once, whatever the number of pieces.
@@ -248,8 +361,8 @@ def general_document_frequency(pieces: list[str], general: Corpus) -> Counter:
         automaton.add_word(piece, index)
     automaton.make_automaton()
     doc_freq: Counter = Counter()
-    for doc in general.documents:
-        normalised = "▁" + doc.text.replace(" ", "▁")
+    for text in _texts_of(general):
+        normalised = "▁" + text.replace(" ", "▁")
         doc_freq.update({pieces[index] for _, index in automaton.iter(normalised)})
     return doc_freq
 
@@ -257,7 +370,7 @@ def general_document_frequency(pieces: list[str], general: Corpus) -> Counter:
 def find_candidates(
     domain_model: sp_pb2.ModelProto,
     base_vocab: set[str],
-    general: Corpus,
+    general: Corpus | Iterable[str],
     occur_limit: int,
     require_letter: bool = True,
 ) -> Candidates:
@@ -344,6 +457,135 @@ def pad_vocabulary(model: sp_pb2.ModelProto, max_tensor_parallel: int, min_reser
     return added
 
 
+# --- streamed corpora ------------------------------------------------------------------------------
+
+
+class StreamedCorpus:
+    """A JSONL corpus read in batches as often as needed, with blobs masked if asked.
+
+    The first pass counts documents and bytes (:attr:`counter`); a corpus of at
+    most ``keep_chars`` characters is kept in memory after it, larger ones are read
+    again on every pass, so memory stays bounded whatever the corpus size.
+    """
+
+    def __init__(self, path: Path, name: str, text_keys: tuple[str, ...], mask: bool,
+                 keep_chars: int = 64_000_000, batch_chars: int = 4_000_000):
+        self.path, self.name, self.text_keys, self.mask = path, name, text_keys, mask
+        self.keep_chars, self.batch_chars = keep_chars, batch_chars
+        self.counter = CorpusCounter(name, path)
+        self._kept: list[list[tuple[Document, str]]] | None = None
+        self._passes = 0
+
+    def batches(self) -> Iterator[list[tuple[Document, str]]]:
+        """Lists of (document, text to measure) in corpus order."""
+        if self._kept is not None:
+            yield from self._kept
+            return
+        first = self._passes == 0
+        self._passes += 1
+        kept: list | None = [] if first else None
+        size = 0
+        progress = tqdm(desc=f"reading {self.name}", unit=" docs", leave=False)
+        for docs in iter_batches(self.path, self.text_keys, self.batch_chars):
+            batch = [(d, mask_blobs_by_line(d.text) if self.mask else d.text) for d in docs]
+            if first:
+                for doc in docs:
+                    self.counter.add(doc)
+            if kept is not None:
+                size += sum(len(text) for _, text in batch)
+                kept = kept + [batch] if size <= self.keep_chars else None
+            progress.update(len(docs))
+            yield batch
+        progress.close()
+        if first:
+            self.counter.summary()  # an empty corpus is an error
+            self._kept = kept
+
+    def texts(self) -> Iterator[str]:
+        """The texts to measure, one document after the other."""
+        for batch in self.batches():
+            for _, text in batch:
+                yield text
+
+
+def _units_of(encoder: ChunkEncoder, batch: list[tuple[Document, str]]) -> list[list[str]]:
+    units = [encoder.units(text) for _, text in batch]
+    encoder.prepare(u for per_text in units for u in per_text)
+    return units
+
+
+class _UnitTally:
+    """Counts of encoding units over a corpus, turned into per-token results in bounded chunks."""
+
+    def __init__(self, encoder: ChunkEncoder, consume) -> None:
+        self.encoder, self.consume = encoder, consume
+        self.pending: Counter = Counter()
+
+    def add(self, units: list[list[str]]) -> None:
+        for per_text in units:
+            self.pending.update(per_text)
+        if len(self.pending) > self.encoder.max_cached // 2:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.encoder.prepare(self.pending)
+            cache = self.encoder.cache
+            self.consume((cache[unit], count) for unit, count in self.pending.items())
+            self.pending.clear()
+
+
+def base_pass(corpus: StreamedCorpus, encoder: ChunkEncoder, words: Counter | None,
+              training: TrainingLines | None = None) -> list[int]:
+    """One pass with the base model: tokens per document, word counts for guided BPE, training lines."""
+    table = encoder.pieces
+    vocab = set(table)
+
+    def count(weighted) -> None:
+        guided_bpe.add_weighted_words(words, (([table[i] for i in ids], n) for ids, n in weighted), vocab)
+
+    tally = _UnitTally(encoder, count) if words is not None else None
+    lengths: list[int] = []
+    for batch in corpus.batches():
+        units = _units_of(encoder, batch)
+        lengths.extend(map(encoder.length, units))
+        if training is not None:
+            for _, text in batch:
+                training.add(text)
+        if tally is not None:
+            tally.add(units)
+    if tally is not None:
+        tally.flush()
+    return lengths
+
+
+def adapted_pass(corpus: StreamedCorpus, encoder: ChunkEncoder, first_new: int,
+                 before: list[int] | None = None) -> tuple[Counter, dict | None]:
+    """One pass with an extended model: uses of the added ids, and report statistics given ``before``."""
+    from dapt.tokenizer_report import CorpusSums
+
+    produced: Counter = Counter()
+
+    def count(weighted) -> None:
+        for ids, n in weighted:
+            for token_id in ids:
+                if token_id >= first_new:
+                    produced[token_id] += n
+
+    tally = _UnitTally(encoder, count)
+    sums = CorpusSums() if before is not None else None
+    index = 0
+    for batch in corpus.batches():
+        units = _units_of(encoder, batch)
+        if sums is not None:
+            for (doc, text), per_text in zip(batch, units):
+                sums.add(doc, text, before[index], encoder.length(per_text))
+                index += 1
+        tally.add(units)
+    tally.flush()
+    return produced, (sums.stats() if sums is not None else None)
+
+
 # --- the two methods -------------------------------------------------------------------------------
 
 
@@ -358,15 +600,16 @@ class Selection:
 
 
 def select_chipnemo(
-    base: sp_pb2.ModelProto, candidates: Candidates, domain_texts: list[str], threshold: float,
+    base: sp_pb2.ModelProto, candidates: Candidates, domain: StreamedCorpus | list[str], threshold: float,
     max_added: int | None,
 ) -> Selection:
     """The original recipe, fixed: extend with all candidates as USER_DEFINED, keep the most used."""
     extended = extend_model(base, candidates.pieces, USER_DEFINED)
     first_new = len(base.pieces)
-    uses: Counter = Counter()
-    for ids in encode_texts(extended, domain_texts):
-        uses.update(i for i in ids if i >= first_new)
+    if isinstance(domain, StreamedCorpus):
+        uses, _ = adapted_pass(domain, ChunkEncoder(extended), first_new)
+    else:
+        uses = Counter(i for ids in encode_texts(extended, domain) for i in ids if i >= first_new)
     ranked = sorted(((uses[first_new + k], p) for k, p in enumerate(candidates.pieces) if uses[first_new + k] > 0),
                     key=lambda item: (-item[0], item[1]))
     keep = cumulative_cut([count for count, _ in ranked], threshold)
@@ -382,19 +625,12 @@ def select_chipnemo(
 
 
 def select_guided_bpe(
-    base: sp_pb2.ModelProto, candidates: Candidates, domain_before: list[list[int]],
-    general_before: list[list[int]], config: TokenizerConfig,
+    base: sp_pb2.ModelProto, candidates: Candidates, domain_words: Counter, general_words: Counter,
+    config: TokenizerConfig,
 ) -> Selection:
-    """Continued BPE over the base segmentation (given as ids), guided by the domain tokenizer's candidates."""
-    table = [p.piece for p in base.pieces]
-    vocab = set(table)
+    """Continued BPE over the base segmentation (given as word counts), guided by the domain tokenizer."""
+    vocab = {p.piece for p in base.pieces}
     started = time.perf_counter()
-
-    def as_pieces(all_ids: list[list[int]]) -> list[list[str]]:
-        return [[table[i] for i in ids] for ids in all_ids]
-
-    domain_words = guided_bpe.count_words(as_pieces(domain_before), vocab)
-    general_words = guided_bpe.count_words(as_pieces(general_before), vocab)
     guide = {c[i:j] for c in candidates.pieces for i in range(len(c)) for j in range(i + 2, len(c) + 1)}
     budget = config.max_added_tokens or len(candidates.pieces)
     result = guided_bpe.learn_merges(
@@ -421,9 +657,8 @@ def select_guided_bpe(
 # --- verification ----------------------------------------------------------------------------------
 
 
-def reachability(model: sp_pb2.ModelProto, first_new: int, count: int, domain_ids: list[list[int]]) -> dict:
-    """Which added pieces SentencePiece produces: on the domain data, or at least from their own text."""
-    produced = Counter(i for ids in domain_ids for i in ids if first_new <= i < first_new + count)
+def reachability(model: sp_pb2.ModelProto, first_new: int, count: int, produced: Counter) -> dict:
+    """Which added pieces SentencePiece produces: on the domain data (``produced``: id -> uses), or from their text."""
     alone = without_dummy_prefix(model)
     unreachable = []
     for offset in range(count):
@@ -441,19 +676,20 @@ def reachability(model: sp_pb2.ModelProto, first_new: int, count: int, domain_id
     }
 
 
-def prune_unused(model: sp_pb2.ModelProto, base_size: int, keep_pieces: list[str], domain_ids: list[list[int]],
+def prune_unused(model: sp_pb2.ModelProto, base_size: int, keep_pieces: list[str], produced: Counter,
                  piece_type: int) -> list[str]:
     """Drop added pieces SentencePiece never produces on the domain data and no kept piece is built from.
 
-    A NORMAL piece that is never produced may still be an intermediate merge of a
-    produced one (SentencePiece merges pairwise), so only pieces that are no
-    substring-building step of a produced piece are dropped: that costs no compression.
+    ``produced`` counts the added ids in the domain data's segmentation. A NORMAL
+    piece that is never produced may still be an intermediate merge of a produced
+    one (SentencePiece merges pairwise), so only pieces that are no substring-building
+    step of a produced piece are dropped: that costs no compression.
     """
-    produced = {model.pieces[i].piece for ids in domain_ids for i in ids if i >= base_size}
+    used = {model.pieces[i].piece for i, n in produced.items() if n and i >= base_size}
     if piece_type != NORMAL:
-        return [p for p in keep_pieces if p in produced]
-    needed = set(produced)
-    for piece in produced:
+        return [p for p in keep_pieces if p in used]
+    needed = set(used)
+    for piece in used:
         needed.update(piece[i:j] for i in range(len(piece)) for j in range(i + 2, len(piece) + 1))
     return [p for p in keep_pieces if p in needed]
 
@@ -483,6 +719,9 @@ class TokenizerConfig:
     text_keys: tuple[str, ...] = param(("text",), "JSON keys that may hold the text")
     heldout_domain: Path | None = param(DEFAULT_HELDOUT / "domain", "held-out domain JSONL for the report")
     heldout_general: Path | None = param(DEFAULT_HELDOUT / "general", "held-out general JSONL for the report")
+    max_training_lines: int = param(
+        1_000_000, "cap on the domain tokenizer's training lines (a fixed hash-chosen sample beyond it)")
+    workers: int = param(2, "processes: with 2 the domain tokenizer trains in a child process meanwhile")
 
 
 def _validate(config: TokenizerConfig) -> None:
@@ -494,69 +733,164 @@ def _validate(config: TokenizerConfig) -> None:
         (config.max_tensor_parallel >= 1, "max_tensor_parallel must be >= 1"),
         (config.min_reserved >= 0, "min_reserved must be >= 0"),
         (config.general_penalty >= 0 and config.guide_bonus >= 0, "general_penalty and guide_bonus must be >= 0"),
+        (config.max_training_lines >= 1, "max_training_lines must be >= 1"),
+        (config.workers >= 1, "workers must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
             raise TokenizerError(f"bad parameter: {message}.")
 
 
+class _StageClock:
+    """Wall and CPU seconds per stage of this process."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.wall[name] = round(wall - self._wall, 2)
+        self.cpu[name] = round(cpu - self._cpu, 2)
+        self._wall, self._cpu = wall, cpu
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _train_in_child(connection, lines: list[str], vocab_size: int, settings: dict) -> None:
+    """Child-process entry: send back the serialised model, or the error."""
+    try:
+        connection.send((True, _train_serialized(lines, vocab_size, settings)))
+    except BaseException as error:  # noqa: BLE001 - the parent re-raises it
+        connection.send((False, error))
+    finally:
+        connection.close()
+
+
+class _Trainer:
+    """Trains the domain tokenizer in a child process (``workers`` >= 2) or, when asked for, in this one."""
+
+    def __init__(self, lines: list[str], vocab_size: int, settings: dict, workers: int):
+        self.args = (lines, vocab_size, settings)
+        self.process = None
+        if workers >= 2:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            context = multiprocessing.get_context(method)
+            self.connection, child_end = context.Pipe(duplex=False)
+            self.process = context.Process(target=_train_in_child, args=(child_end, *self.args), daemon=True)
+            self.process.start()
+            child_end.close()
+
+    def running(self) -> bool:
+        return self.process is not None and not self.connection.poll()
+
+    def result(self) -> sp_pb2.ModelProto:
+        if self.process is None:
+            data = _train_serialized(*self.args)
+        else:
+            try:
+                ok, data = self.connection.recv()
+            except EOFError:
+                raise TokenizerError("the domain tokenizer's training process died (out of memory?).") from None
+            self.process.join()
+            self.close()
+            if not ok:
+                raise data
+        model = sp_pb2.ModelProto()
+        model.ParseFromString(data)
+        return model
+
+    def close(self) -> None:
+        """Wait for the child process, stopping it first if its result is no longer wanted."""
+        if self.process is not None:
+            if self.process.is_alive() and not self.connection.poll():
+                self.process.terminate()
+            self.process.join()
+            self.connection.close()
+            self.process = None
+
+
+def _preload_transformers() -> None:
+    """Import transformers' tokenizer classes (seconds of CPU) while the child process trains."""
+    with contextlib.suppress(ImportError):
+        from transformers import AutoTokenizer, LlamaTokenizerFast  # noqa: F401
+
+
 def adapt_tokenizer(config: TokenizerConfig) -> Path:
-    """Run the whole adaptation and write the tokenizer folder; returns its path."""
+    """Run the whole adaptation and write the tokenizer folder; returns its path.
+
+    The corpora are streamed in batches: memory stays bounded by the batch size, the
+    training-line cap and the distinct words, not by the corpus size.
+    """
     from dapt import tokenizer_report
 
     _validate(config)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 2)
-        clock = now
-
+    clock = _StageClock()
+    children_cpu = _children_cpu()
     base_path = resolve_sp_model(config.base_tokenizer)
     base = load_proto(base_path)
     base_vocab = {p.piece for p in base.pieces}
-    domain = load_corpus(config.domain_data, "domain", config.text_keys)
-    general = load_corpus(config.general_data, "general", config.text_keys)
-    domain_texts = [mask_blobs(d.text) for d in domain.documents]
-    general_texts = [d.text for d in general.documents]
-    lap("read corpora")
+    for path in (config.domain_data, config.general_data):
+        find_jsonl_files(path)  # a missing or empty folder fails before any work
+    domain = StreamedCorpus(config.domain_data, "domain", config.text_keys, mask=True)
+    general = StreamedCorpus(config.general_data, "general", config.text_keys, mask=False)
+    guided = config.method == "guided-bpe"
 
+    encoder = ChunkEncoder(base)
+    words = {"domain": Counter(), "general": Counter()} if guided else {"domain": None, "general": None}
+    lines = TrainingLines(config.max_training_lines)
+    before = {"domain": base_pass(domain, encoder, words["domain"], lines)}
+    clock.lap("domain pass (base segmentation)")
     settings = dict(LLAMA2_TRAINER_SETTINGS, character_coverage=base.trainer_spec.character_coverage or 0.99995)
-    domain_model = train_sentencepiece(domain_texts, config.domain_vocab_size, settings)
-    lap("train domain tokenizer")
-    candidates = find_candidates(domain_model, base_vocab, general, config.occur_limit)
-    lap("candidates")
+    trainer = _Trainer(lines.result(), config.domain_vocab_size, settings, config.workers)
+    try:
+        before["general"] = base_pass(general, encoder, words["general"])
+        del encoder
+        clock.lap("general pass (base segmentation)")
+        if trainer.running():
+            _preload_transformers()
+            clock.lap("import transformers")
+        domain_model = trainer.result()
+    finally:
+        trainer.close()
+    clock.lap("train domain tokenizer (wait)")
+    candidates = find_candidates(domain_model, base_vocab, general.texts(), config.occur_limit)
+    clock.lap("candidates")
     if not candidates.pieces:
         raise TokenizerError(
             f"no candidate domain tokens: every piece of the {config.domain_vocab_size}-piece domain tokenizer is "
             f"in the base vocabulary or frequent in {config.general_data}; raise --domain-vocab-size or --occur-limit."
         )
-    before = {"domain_train": encode_texts(base, domain_texts), "general_train": encode_texts(base, general_texts)}
-    lap("base segmentation")
-    if config.method == "chipnemo":
-        selection = select_chipnemo(base, candidates, domain_texts, config.freq_threshold, config.max_added_tokens)
+    if guided:
+        selection = select_guided_bpe(base, candidates, words["domain"], words["general"], config)
     else:
-        selection = select_guided_bpe(base, candidates, before["domain_train"], before["general_train"], config)
-    lap("select tokens")
+        selection = select_chipnemo(base, candidates, domain, config.freq_threshold, config.max_added_tokens)
+    del words
+    clock.lap("select tokens")
 
+    first_new = len(base.pieces)
     model = extend_model(base, selection.pieces, selection.piece_type)
-    domain_ids = encode_texts(model, domain_texts)
-    pieces = prune_unused(model, len(base.pieces), selection.pieces, domain_ids, selection.piece_type)
+    produced, domain_stats = adapted_pass(domain, ChunkEncoder(model), first_new, before["domain"])
+    pieces = prune_unused(model, first_new, selection.pieces, produced, selection.piece_type)
     if len(pieces) != len(selection.pieces):
         model = extend_model(base, pieces, selection.piece_type)
-        domain_ids = encode_texts(model, domain_texts)
-    reach = reachability(model, len(base.pieces), len(pieces), domain_ids)
-    after = {"domain_train": domain_ids}
+        produced, domain_stats = adapted_pass(domain, ChunkEncoder(model), first_new, before["domain"])
+    reach = reachability(model, first_new, len(pieces), produced)
     added_count = len(pieces)
     reserved = pad_vocabulary(model, config.max_tensor_parallel, config.min_reserved)
-    lap("merge and pad")
+    _, general_stats = adapted_pass(general, ChunkEncoder(model), len(model.pieces), before["general"])
+    clock.lap("merge, prune, pad (adapted segmentation)")
 
     inputs = {
         "base_tokenizer": {"path": str(base_path), "sha256": file_sha256(base_path)},
-        "domain_data": domain.summary(),
-        "general_data": general.summary(),
+        "domain_data": domain.counter.summary(),
+        "general_data": general.counter.summary(),
     }
     with stage_output(config.output, "tokenizer", config, inputs) as tmp:
         (tmp / TOKENIZER_FILE).write_bytes(model.SerializeToString())
@@ -575,11 +909,10 @@ def adapt_tokenizer(config: TokenizerConfig) -> Path:
                 for i in range(len(base.pieces) + added_count, len(model.pieces))
             ],
         })
-        lap("write files")
+        clock.lap("write files")
         report = tokenizer_report.build_report(
             base=base, adapted=model, folder=tmp,
-            train={"domain_train": (domain, domain_texts), "general_train": (general, general_texts)},
-            before=before, after=after,
+            train={"domain_train": domain_stats, "general_train": general_stats},
             heldout={"domain_heldout": config.heldout_domain, "general_heldout": config.heldout_general},
             text_keys=config.text_keys,
         )
@@ -594,8 +927,11 @@ def adapt_tokenizer(config: TokenizerConfig) -> Path:
             "selection": selection.details,
             "reachability": reach,
         })
-        lap("report")
-        report["seconds"] = timings
+        clock.lap("report")
+        report["seconds"] = clock.wall
+        report["cpu_seconds"] = dict(clock.cpu, **{
+            "train domain tokenizer (child process)": round(_children_cpu() - children_cpu, 2)})
+        report["training_lines"] = {"seen": lines.seen, "used": len(lines.result())}
         write_json(tmp / "report.json", report)
         tokenizer_report.plot_cumulative_use(selection.domain_use, config.freq_threshold, tmp / "cumulative_use.png")
         tokenizer_report.plot_compression(report, tmp / "compression_by_file_type.png")

@@ -9,7 +9,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from dapt.compat import sentencepiece_model_pb2 as sp_pb2
-from dapt.corpus import Corpus, CorpusError, load_corpus
+from dapt.corpus import Corpus, CorpusError, Document, load_corpus
 
 
 def _processor(model: sp_pb2.ModelProto) -> spm.SentencePieceProcessor:
@@ -20,24 +20,60 @@ def _ratio(after: int, before: int) -> float:
     return round(100.0 * (after - before) / before, 3) if before else 0.0
 
 
-def _group_stats(texts: list[str], before: list[list[int]], after: list[list[int]]) -> dict:
-    tokens_before = sum(map(len, before))
-    tokens_after = sum(map(len, after))
-    num_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    words = sum(len(t.split()) for t in texts)
-    return {
-        "documents": len(texts),
-        "bytes": num_bytes,
-        "tokens_before": tokens_before,
-        "tokens_after": tokens_after,
-        "change_percent": _ratio(tokens_after, tokens_before),
-        "bytes_per_token_before": round(num_bytes / max(tokens_before, 1), 4),
-        "bytes_per_token_after": round(num_bytes / max(tokens_after, 1), 4),
-        "tokens_per_word_before": round(tokens_before / max(words, 1), 4),
-        "tokens_per_word_after": round(tokens_after / max(words, 1), 4),
-        "documents_longer": sum(len(a) > len(b) for a, b in zip(after, before)),
-        "documents_shorter": sum(len(a) < len(b) for a, b in zip(after, before)),
-    }
+class GroupSums:
+    """Running token, byte and word counts of a group of documents (a corpus, a source, a file type)."""
+
+    def __init__(self) -> None:
+        self.documents = self.bytes = self.words = 0
+        self.tokens_before = self.tokens_after = self.longer = self.shorter = 0
+
+    def add(self, num_bytes: int, words: int, before: int, after: int) -> None:
+        """Count one document of ``num_bytes`` UTF-8 bytes with ``before``/``after`` tokens."""
+        self.documents += 1
+        self.bytes += num_bytes
+        self.words += words
+        self.tokens_before += before
+        self.tokens_after += after
+        self.longer += after > before
+        self.shorter += after < before
+
+    def stats(self) -> dict:
+        before, after, num_bytes, words = self.tokens_before, self.tokens_after, self.bytes, self.words
+        return {
+            "documents": self.documents,
+            "bytes": num_bytes,
+            "tokens_before": before,
+            "tokens_after": after,
+            "change_percent": _ratio(after, before),
+            "bytes_per_token_before": round(num_bytes / max(before, 1), 4),
+            "bytes_per_token_after": round(num_bytes / max(after, 1), 4),
+            "tokens_per_word_before": round(before / max(words, 1), 4),
+            "tokens_per_word_after": round(after / max(words, 1), 4),
+            "documents_longer": self.longer,
+            "documents_shorter": self.shorter,
+        }
+
+
+class CorpusSums:
+    """Streamed :func:`corpus_stats`: token counts in total and per source and file type."""
+
+    def __init__(self) -> None:
+        self.total = GroupSums()
+        self.groups: dict[str, dict[str, GroupSums]] = {"by_source": defaultdict(GroupSums),
+                                                        "by_file_type": defaultdict(GroupSums)}
+
+    def add(self, doc: Document, text: str, before: int, after: int) -> None:
+        """Count ``doc`` (whose measured text is ``text``) with its token counts before and after."""
+        counts = (len(text.encode("utf-8")), len(text.split()), before, after)
+        self.total.add(*counts)
+        self.groups["by_source"][doc.source].add(*counts)
+        self.groups["by_file_type"][doc.file_type].add(*counts)
+
+    def stats(self) -> dict:
+        stats = self.total.stats()
+        for key, groups in self.groups.items():
+            stats[key] = {name: groups[name].stats() for name in sorted(groups)}
+        return stats
 
 
 def corpus_stats(corpus: Corpus, texts: list[str], before: list[list[int]], after: list[list[int]],
@@ -46,15 +82,10 @@ def corpus_stats(corpus: Corpus, texts: list[str], before: list[list[int]], afte
 
     With ``adapted_sp`` the documents' round trips (decode(encode(x)) == x) are checked too.
     """
-    stats = _group_stats(texts, before, after)
-    for key, attribute in (("by_source", "source"), ("by_file_type", "file_type")):
-        groups: dict[str, list[int]] = defaultdict(list)
-        for index, doc in enumerate(corpus.documents):
-            groups[getattr(doc, attribute)].append(index)
-        stats[key] = {
-            name: _group_stats([texts[i] for i in idx], [before[i] for i in idx], [after[i] for i in idx])
-            for name, idx in sorted(groups.items())
-        }
+    sums = CorpusSums()
+    for doc, text, ids_before, ids_after in zip(corpus.documents, texts, before, after):
+        sums.add(doc, text, len(ids_before), len(ids_after))
+    stats = sums.stats()
     if adapted_sp is not None:
         decoded = adapted_sp.decode(after)
         stats["round_trip_failures"] = [f"{corpus.documents[i].path}:{corpus.documents[i].line}"
@@ -85,22 +116,15 @@ def _optional_corpus(path: Path | None, name: str, text_keys: tuple[str, ...]) -
         return None
 
 
-def build_report(base: sp_pb2.ModelProto, adapted: sp_pb2.ModelProto, folder: Path,
-                 train: dict[str, tuple[Corpus, list[str]]], before: dict[str, list[list[int]]],
-                 after: dict[str, list[list[int]]], heldout: dict[str, Path | None],
-                 text_keys: tuple[str, ...]) -> dict:
+def build_report(base: sp_pb2.ModelProto, adapted: sp_pb2.ModelProto, folder: Path, train: dict[str, dict],
+                 heldout: dict[str, Path | None], text_keys: tuple[str, ...]) -> dict:
     """Compression before and after on every corpus; round trips and HF agreement on held-out text.
 
-    ``before``/``after`` hold segmentations already computed by the caller; missing ones are encoded here.
+    ``train`` holds the training corpora's statistics, already streamed by the caller
+    (:class:`CorpusSums`); the small held-out corpora are read and encoded here.
     """
-    from dapt.tokenizer import encode_texts
-
     base_sp, adapted_sp = _processor(base), _processor(adapted)
-    report: dict = {"corpora": {}, "hf_agreement": {}}
-    for name, (corpus, texts) in train.items():
-        ids_before = before.get(name) or encode_texts(base, texts)
-        ids_after = after.get(name) or encode_texts(adapted, texts)
-        report["corpora"][name] = corpus_stats(corpus, texts, ids_before, ids_after)
+    report: dict = {"corpora": dict(train), "hf_agreement": {}}
     for name, path in heldout.items():
         corpus = _optional_corpus(path, name, text_keys)
         if corpus is None:
@@ -169,3 +193,33 @@ def plot_compression(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def comparison_table(reports: dict[str, dict]) -> str:
+    """A markdown table comparing tokenizer reports (one column per method or run) on held-out text."""
+    rows = [
+        ("added tokens (before padding)", lambda r: f"{r['added_tokens']:,}"),
+        ("vocabulary after padding", lambda r: f"{r['vocab_size']:,}"),
+        ("domain held-out tokens", lambda r: _held(r, "domain_heldout", "change_percent", "{:+.2f}%")),
+        ("general held-out tokens", lambda r: _held(r, "general_heldout", "change_percent", "{:+.2f}%")),
+        ("general held-out docs longer", lambda r: _held(r, "general_heldout", "documents_longer", "{}")),
+        ("domain held-out docs longer", lambda r: _held(r, "domain_heldout", "documents_longer", "{}")),
+        ("HF ids differ (domain held-out docs)", lambda r: _hf(r, "domain_heldout")),
+        ("HF ids differ (general held-out docs)", lambda r: _hf(r, "general_heldout")),
+        ("added tokens reachable", lambda r: f"{r['reachability']['reachable']:,}"),
+        ("added tokens seen on domain data", lambda r: f"{r['reachability']['seen_in_domain_data']:,}"),
+    ]
+    header = "| | " + " | ".join(reports) + " |\n|---|" + "---:|" * len(reports) + "\n"
+    return header + "\n".join(
+        f"| {label} | " + " | ".join(cell(r) for r in reports.values()) + " |" for label, cell in rows
+    )
+
+
+def _held(report: dict, corpus: str, key: str, fmt: str) -> str:
+    stats = report["corpora"].get(corpus)
+    return fmt.format(stats[key]) if stats else "n/a"
+
+
+def _hf(report: dict, corpus: str) -> str:
+    agreement = report["hf_agreement"].get(corpus)
+    return f"{agreement['differing']} / {agreement['documents']}" if agreement else "n/a"
