@@ -236,3 +236,9 @@ def test_chunked_word_counts_equal_whole_documents(shared_data: Path, llama2_tok
         encoder.prepare(units)
         guided_bpe.add_weighted_words(chunked, [([table[i] for i in encoder.cache[u]], 1) for u in units], vocab)
     assert chunked == whole
+
+
+def test_tokenizer_json_is_readable_by_older_tokenizers(guided: Path) -> None:
+    """Merges as "left right" strings: tokenizers 0.19 (NeMo 24.07) cannot read the newer pair form."""
+    merges = json.loads((guided / "tokenizer.json").read_text())["model"]["merges"]
+    assert merges and all(isinstance(m, str) and len(m.split(" ")) == 2 for m in merges)

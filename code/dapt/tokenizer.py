@@ -955,6 +955,7 @@ def write_hf_tokenizer(folder: Path) -> None:
         fast.save_pretrained(scratch)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             shutil.copy(Path(scratch) / name, folder / name)
+    _write_portable_merges(folder / "tokenizer.json")
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     # Without add_prefix_space the tokenizer loads tokenizer.json as written (no re-conversion,
@@ -962,3 +963,18 @@ def write_hf_tokenizer(folder: Path) -> None:
     config.pop("add_prefix_space", None)
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
+
+
+def _write_portable_merges(path: Path) -> None:
+    """Store BPE merges as ``"left right"`` strings, the form every tokenizers release reads.
+
+    tokenizers >= 0.20 writes merges as ``[left, right]`` pairs, which tokenizers 0.19 (the NeMo 24.07
+    container) cannot parse. SentencePiece pieces never hold a plain space, so the string form is exact.
+    """
+    data = json.loads(path.read_text(encoding="utf-8"))
+    merges = data.get("model", {}).get("merges", [])
+    if merges and isinstance(merges[0], list):
+        if any(" " in part for pair in merges for part in pair):
+            return
+        data["model"]["merges"] = [f"{left} {right}" for left, right in merges]
+        path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
