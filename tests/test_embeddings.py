@@ -349,3 +349,17 @@ def test_output_folder_holding_another_run(
         ]
     )
     assert code == 2 and "overlaps --base-model" in capsys.readouterr().err
+
+
+def test_block_statistics_leave_a_float32_matrix_untouched() -> None:
+    """Row blocks are copies: with float32 weights and several blocks, the source matrix must not change."""
+    import torch
+
+    from dapt.embeddings import column_mean_and_std
+
+    matrix = torch.randn(2500, 16, generator=torch.Generator().manual_seed(0))
+    before = matrix.clone()
+    mean, std = column_mean_and_std(matrix)
+    assert torch.equal(matrix, before)
+    assert torch.allclose(mean, before.mean(dim=0), atol=1e-5)
+    assert abs(std - before.std(unbiased=False).item()) < 1e-4

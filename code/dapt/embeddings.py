@@ -475,7 +475,7 @@ def _row_blocks(matrix: Any, dtype: Any, rows: int = 1024) -> Any:
     for start in range(0, matrix.shape[0], rows):
         part = matrix[start : start + rows]
         if buffer is None or buffer.shape[0] != part.shape[0]:
-            buffer = part.to(dtype)
+            buffer = part.to(dtype, copy=True)  # never a view: the buffer is overwritten below
         else:
             buffer.copy_(part)
         yield start, buffer
