@@ -247,3 +247,21 @@ def test_time_budget_stops_and_saves(setup) -> None:
     report = json.loads((output / "train_report.json").read_text())
     assert report["stopped_by"] == "time_budget" and 1 <= report["steps"] < 10_000
     assert (setup["root"] / "budget_checkpoints" / f"checkpoint-{report['steps']}").is_dir()
+
+
+def test_resume_refuses_checkpoints_of_other_model_weights(setup, tmp_path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(setup["model"], model)
+    ckpt = tmp_path / "ckpt"
+    train(_config(setup, "weights", model=model, max_steps=3, checkpoint_dir=ckpt))
+    weights_file = next(model.glob("*.safetensors"))
+    weights = load_file(weights_file)
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1.0  # the same folder, other weights (e.g. re-extended embeddings)
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    with pytest.raises(TrainInputError, match="inputs"):
+        train(_config(setup, "weights", model=model, max_steps=6, checkpoint_dir=ckpt))

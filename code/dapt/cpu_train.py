@@ -533,6 +533,7 @@ def train(config: TrainConfig) -> Path:
     output = Path(config.output).absolute()
     checkpoint_dir = Path(config.checkpoint_dir or output.with_name(output.name + "_checkpoints")).absolute()
     inputs = {"model": {"path": str(model_dir), "tokenizer_sha256": tokenizer_sha,
+                        "weights_sha256": {p.name: file_sha256(p) for p in sorted(model_dir.glob("*.safetensors"))},
                         "stage": (read_manifest(model_dir) or {}).get("stage")},
               "data": {name: _data_fingerprint(prefix) for name, prefix, _ in sources}}
     identity = {"hyperparameters": {k: v for k, v in asdict(hp).items() if k not in RESUMABLE_CHANGES},
