@@ -32,19 +32,18 @@ TARGETS = {"domain_bpb_max": 2.35, "general_bpb_with_replay_max": 2.95, "tokens_
 
 
 def adapted_tokenizer(base_model: Path, out: Path, added: int) -> Path:
-    """An adapted tokenizer: tok512 (lossless) + frequent domain words as NORMAL pieces, padded to 128.
+    """The adapted tokenizer, built by the tokenizer stage: tok512 (lossless) + guided-bpe domain tokens.
 
-    Built with the test fixture that mirrors the tokenizer stage's output layout (the tokenizer stage
-    itself trains on the tiny profile's corpora; this keeps the benchmark independent of its defaults).
+    Padded to a multiple of 128 (max TP 1): the tiny model needs no tensor-parallel padding.
     """
-    sys.path.insert(0, str(REPO / "tests"))
-    from adapted_tokenizer_fixture import build_adapted_tokenizer, frequent_word_pieces
+    from dapt.tokenizer import TokenizerConfig, adapt_tokenizer
 
-    from dapt.corpus import iter_documents
-
-    texts = [doc.text for doc in iter_documents(DATA / "domain")]
-    pieces = frequent_word_pieces(base_model / "tokenizer.model", texts, added)
-    return build_adapted_tokenizer(base_model / "tokenizer.model", pieces, out, multiple=128)
+    return adapt_tokenizer(TokenizerConfig(
+        base_tokenizer=base_model, domain_data=DATA / "domain", general_data=DATA / "general", output=out,
+        domain_vocab_size=4000, max_added_tokens=added, max_tensor_parallel=1,
+        heldout_domain=DATA / "heldout" / "domain_heldout.jsonl",
+        heldout_general=DATA / "heldout" / "general_heldout.jsonl",
+    ))
 
 
 def prepare(work: Path, added: int) -> dict[str, Path]:
