@@ -33,3 +33,18 @@ def llama2_tokenizer() -> Path:
 def stories260k() -> Path:
     """Folder with llama2.c's stories260K.bin and tok512.model."""
     return _shared_path("models/stories260K")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def embedded_sample() -> Path:
+    """The embedded offline sample (code/data, code/general_data, code/heldout), built once where absent.
+
+    A clean checkout has none (it is assembled from installed packages, not committed); several tests read
+    its held-out files, so they run on it instead of skipping.
+    """
+    from dapt.corpus import DEFAULT_HELDOUT, SampleDataConfig, build_sample_data
+
+    wanted = [DEFAULT_HELDOUT / kind / f"{kind}_heldout.jsonl" for kind in ("domain", "general")]
+    if not all(path.is_file() for path in wanted):
+        build_sample_data(SampleDataConfig())
+    return DEFAULT_HELDOUT
