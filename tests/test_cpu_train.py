@@ -265,3 +265,14 @@ def test_resume_refuses_checkpoints_of_other_model_weights(setup, tmp_path) -> N
     save_file(weights, weights_file, metadata={"format": "pt"})
     with pytest.raises(TrainInputError, match="inputs"):
         train(_config(setup, "weights", model=model, max_steps=6, checkpoint_dir=ckpt))
+
+
+def test_rerun_after_max_steps_gives_the_same_model(setup) -> None:
+    first = train(_config(setup, "rerun", max_steps=3, seed=5))
+    weights = _weights(first)
+    again = train(_config(setup, "rerun", max_steps=3, seed=5))
+    report = json.loads((again / "train_report.json").read_text())
+    assert report["steps"] == 3 and report["steps_this_session"] == 0
+    assert report["resumed_from"].endswith("checkpoint-3")
+    for name, tensor in _weights(again).items():
+        assert torch.equal(tensor, weights[name]), name

@@ -408,6 +408,27 @@ def _training_arguments(config: TrainConfig, hp: Hyperparameters, checkpoint_dir
     )
 
 
+def _checkpoint_step(checkpoint: str) -> int:
+    """The optimizer step of a Trainer checkpoint folder (``checkpoint-<step>``)."""
+    return int(Path(checkpoint).name.rsplit("-", 1)[-1])
+
+
+def _load_finished_checkpoint(trainer: Any, checkpoint: Path) -> None:
+    """Take the weights and state of a checkpoint that already reached max_steps, without training.
+
+    Resuming the Trainer there would run one more step, so a rerun would not give the same model.
+    """
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    missing, unexpected = trainer.model.load_state_dict(weights, strict=False)
+    tied = {"lm_head.weight"} if trainer.model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise TrainInputError(f"checkpoint {checkpoint} does not match the model ({missing or unexpected}).")
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+
+
 def prepare_checkpoint_dir(checkpoint_dir: Path, run_identity: dict[str, Any], resume: bool) -> str | None:
     """Make the checkpoint folder ready; return the checkpoint to resume from, if any.
 
@@ -545,7 +566,12 @@ def train(config: TrainConfig) -> Path:
     dataset = _blended_dataset_class()(train_streams, [weight for _, _, weight in sources])
     trainer = trainer_cls(model=model, args=_training_arguments(config, hp, checkpoint_dir),
                           train_dataset=dataset, callbacks=[budget])
-    trainer.train(resume_from_checkpoint=resume_from)
+    if resume_from is not None and _checkpoint_step(resume_from) >= hp.max_steps:
+        _load_finished_checkpoint(trainer, Path(resume_from))
+        budget.start = time.monotonic()
+        budget.first_step = budget.last_step = trainer.state.global_step
+    else:
+        trainer.train(resume_from_checkpoint=resume_from)
     elapsed = budget.elapsed()
     steps_now = budget.last_step - budget.first_step
     state = trainer.state
