@@ -188,29 +188,19 @@ def test_zero_output_rows_on_a_tied_matrix_are_refused(stories: Path, adapted: P
 def test_random_rows_follow_the_base_scale(
     stories: Path, adapted: Path, domain_ids: list[int], work: Path
 ) -> None:
-    out = extend_embeddings(
-        EmbeddingsConfig(
-            base_model=stories,
-            tokenizer=adapted,
-            output=work / "random",
-            input_init="random",
-            output_init="mean",
-            sanity_check=False,
-        )
+    config = EmbeddingsConfig(
+        base_model=stories,
+        tokenizer=adapted,
+        output=work / "random",
+        input_init="random",
+        output_init="mean",
+        sanity_check=False,
     )
+    out = extend_embeddings(config)
     base = load_file(str(stories / "model.safetensors"))[EMBED]
     rows = load_file(str(out / "model.safetensors"))[EMBED][domain_ids]
     assert 0.8 < float(rows.std() / base.std()) < 1.2
-    again = extend_embeddings(
-        EmbeddingsConfig(
-            base_model=stories,
-            tokenizer=adapted,
-            output=work / "random",
-            input_init="random",
-            output_init="mean",
-            sanity_check=False,
-        )
-    )
+    again = extend_embeddings(config)  # the same run again: seeded, so the same rows
     assert torch.equal(load_file(str(again / "model.safetensors"))[EMBED][domain_ids], rows)  # seeded
 
 
