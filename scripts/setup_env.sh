@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Create (or reuse) one of the project's two test environments.
+# Create (or reuse) the project's environments; name one or more kinds: scripts/setup_env.sh KIND [KIND...]
 #
-#   scripts/setup_env.sh fresh     [VENV]   Python 3.11 + requirements.txt          (default VENV: .venv)
-#   scripts/setup_env.sh container [VENV]   Python 3.10 + the NeMo 24.07 container's library versions,
-#                                           then the container install line, as a user runs it in the
-#                                           container (default VENV: .venv-container)
+#   fresh       .venv            Python 3.11 + requirements.txt
+#   container   .venv-container  Python 3.10 + the NeMo 24.07 container's library versions, then the container
+#                                install line, as a user runs it in the container
+#   serve       .venv-serve      Python 3.11 + requirements-serve.txt: `transformers serve`, the local
+#                                OpenAI-compatible server that the export smoke test (and notebook 2) runs against
 #
 # The container environment is built in three steps:
 #   1. constraints/nemo-24.07-image.txt: what the container ships (torch 2.3, transformers 4.40, ...);
@@ -19,7 +20,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PIP_VERSION="pip==24.0"
 
 usage() {
-    echo "usage: $0 fresh|container [VENV_DIR]" >&2
+    echo "usage: $0 fresh|container|serve [fresh|container|serve ...]" >&2
     exit 2
 }
 
@@ -48,11 +49,11 @@ input_stamp() {
     { "$python" --version; echo "$PIP_VERSION"; cat "$@"; } | sha256sum | cut -d' ' -f1
 }
 
-# Exit 0 when VENV was built from the same inputs and still imports the project.
+# Exit 0 when VENV was built from the same inputs and still imports MODULE (default: the project).
 venv_is_current() {
-    local venv="$1" stamp="$2"
+    local venv="$1" stamp="$2" module="${3:-dapt}"
     [[ "${FORCE:-0}" != 1 && -f "$venv/.dapt-env-stamp" && "$(cat "$venv/.dapt-env-stamp")" == "$stamp" ]] &&
-        "$venv/bin/python" -c "import dapt" >/dev/null 2>&1
+        "$venv/bin/python" -c "import $module" >/dev/null 2>&1
 }
 
 new_venv() {
@@ -100,17 +101,41 @@ setup_container() {
     install_project "$venv"
 }
 
-main() {
-    [[ $# -ge 1 && $# -le 2 ]] || usage
-    local kind="$1" venv start
-    start=$SECONDS
+# The server has no use for the project: only transformers[serving] and torch.
+setup_serve() {
+    local venv="$1" python stamp
+    python="$(find_python 3.11 "${PYTHON311:-}")"
+    stamp="$(input_stamp "$python" "$REPO/requirements-serve.txt")"
+    if venv_is_current "$venv" "$stamp" transformers.cli.serve; then
+        echo "serve environment $venv: packages up to date"
+    else
+        new_venv "$python" "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$REPO/requirements-serve.txt"
+        echo "$stamp" >"$venv/.dapt-env-stamp"
+    fi
+}
+
+setup_one() {
+    local kind="$1" venv start=$SECONDS
     case "$kind" in
-        fresh) venv="${2:-$REPO/.venv}"; setup_fresh "$venv" ;;
-        container) venv="${2:-$REPO/.venv-container}"; setup_container "$venv" ;;
+        fresh) venv="$REPO/.venv"; setup_fresh "$venv" ;;
+        container) venv="$REPO/.venv-container"; setup_container "$venv" ;;
+        serve) venv="$REPO/.venv-serve"; setup_serve "$venv" ;;
         *) usage ;;
     esac
     echo "$kind environment ready: $venv ($("$venv/bin/python" --version), $((SECONDS - start)) s," \
         "$(du -sh "$venv" | cut -f1))"
+}
+
+main() {
+    [[ $# -ge 1 ]] || usage
+    local kind
+    for kind in "$@"; do
+        case "$kind" in fresh|container|serve) ;; *) usage ;; esac
+    done
+    for kind in "$@"; do
+        setup_one "$kind"
+    done
 }
 
 main "$@"

@@ -2,7 +2,7 @@
 
 The model is a small random LlamaForCausalLM; the tokenizer is a real SentencePiece BPE model trained here on
 the general sample, extended the way the tokenizer stage does (NORMAL domain pieces, then reserved pieces up
-to a multiple of 128), with HF files converted by transformers.
+to a multiple of 128), with HF files written by the tokenizer stage (dapt.tokenizer.write_hf_tokenizer).
 """
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ import io
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from dapt.artifacts import stage_output, write_json
 from dapt.cli import main
 from dapt.config import DEFAULT_GENERAL_DATA
 from dapt.corpus import DEFAULT_HELDOUT, SampleDataConfig, build_sample_data, iter_documents
+from dapt.errors import UserInputError
 from dapt.export import (
     LLAMA2_CHAT_TEMPLATE,
     ExportConfig,
@@ -31,15 +29,17 @@ from dapt.export import (
     SmokeTestError,
     answer_text,
     export,
+    merge_stream,
     nemo_to_hf_command,
     padded_vocab_sizes,
     parse_event_stream,
     verify_export,
 )
+from dapt.serve import check_serving_python, find_serving_python, free_port, local_server
+from dapt.tokenizer import write_hf_tokenizer
 
 DOMAIN_PIECES = ["▁module", "▁endmodule", "▁always_ff", "▁logic", "▁posedge", "▁assign", "▁wire", "▁reg"]
 VOCAB = 512
-SERVER_START_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +96,6 @@ def _extend(proto) -> list[dict]:
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory, sample_data) -> Path:
     """An adapted tokenizer folder in the tokenizer stage's layout (with its manifest)."""
-    from transformers import LlamaTokenizerFast
-
     general, _ = sample_data
     proto = _train_base_proto(general)
     base_size = len(proto.pieces)
@@ -105,10 +103,7 @@ def tokenizer_dir(tmp_path_factory, sample_data) -> Path:
     final = tmp_path_factory.mktemp("tok") / "tokenizer"
     with stage_output(final, "tokenizer", {"test": True}, {}) as folder:
         (folder / "tokenizer.model").write_bytes(proto.SerializeToString())
-        # add_prefix_space=True makes the converted Metaspace prepend "▁" as SentencePiece's dummy prefix does
-        hf = LlamaTokenizerFast(vocab_file=str(folder / "tokenizer.model"), legacy=False,
-                                add_prefix_space=True)
-        hf.save_pretrained(folder)
+        write_hf_tokenizer(folder)  # the HF files exactly as the tokenizer stage writes them
         write_json(folder / "added_tokens.json",
                    {"base_vocab_size": base_size, "vocab_size": len(proto.pieces), "tokens": tokens})
     return final
@@ -173,27 +168,44 @@ def test_chat_template_renders_llama2_turns(exported):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is a latch?"}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert rendered == ("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s>"
-                        "<s>[INST] What is a latch? [/INST]")
+    assert rendered == ("<s> [INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s>"
+                        "<s> [INST] What is a latch? [/INST]")
     ids = tokenizer.apply_chat_template(messages[1:2], tokenize=True)
     assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+
+
+def _meta_llama2_chat_ids(sp, system: str, turns: list[str]) -> list[int]:
+    """Meta's Llama 2 chat format: each (user, answer) pair is SentencePiece-encoded as
+    "[INST] user [/INST] answer " between BOS and EOS, the last user turn as "[INST] user [/INST]" after BOS;
+    the system text opens the first user turn inside <<SYS>>\n ... \n<</SYS>>\n\n."""
+    turns = [f"<<SYS>>\n{system}\n<</SYS>>\n\n{turns[0]}", *turns[1:]]
+    ids = []
+    for user, answer in zip(turns[:-1:2], turns[1::2]):
+        ids += [sp.bos_id(), *sp.encode(f"[INST] {user} [/INST] {answer} "), sp.eos_id()]
+    return ids + [sp.bos_id(), *sp.encode(f"[INST] {turns[-1]} [/INST]")]
+
+
+def test_chat_template_gives_metas_llama2_chat_token_ids(exported):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported[0])
+    sp = spm.SentencePieceProcessor(model_file=str(exported[0] / "tokenizer.model"))
+    turns = ["Write a counter.", "module counter; endmodule", "Add a reset: always_ff @(posedge clk)"]
+    messages = [{"role": "system", "content": "You write SystemVerilog."}]
+    messages += [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(turns)]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    assert list(ids) == _meta_llama2_chat_ids(sp, "You write SystemVerilog.", turns)
 
 
 def test_verify_catches_an_hf_tokenizer_that_disagrees_with_sentencepiece(exported, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(exported[0], broken)
-    # the transformers 4.57 conversion pitfall: without add_prefix_space the fast tokenizer prepends no "▁",
-    # unlike SentencePiece's dummy prefix (with add_prefix_space set, transformers rebuilds tokenizer.json)
+    # a conversion pitfall: a fast tokenizer that prepends no "▁", unlike SentencePiece's dummy prefix
     tokenizer_json = json.loads((broken / "tokenizer.json").read_text())
-    if tokenizer_json["pre_tokenizer"]:  # transformers >= 4.41: a Metaspace pre-tokenizer adds the "▁"
-        tokenizer_json["pre_tokenizer"]["prepend_scheme"] = "never"
-    else:  # transformers 4.40 (NeMo 24.07): a Prepend normalizer adds it
-        normalizers = tokenizer_json["normalizer"]["normalizers"]
-        tokenizer_json["normalizer"]["normalizers"] = [n for n in normalizers if n["type"] != "Prepend"]
+    assert tokenizer_json["pre_tokenizer"]["prepend_scheme"] == "first"  # as written by the tokenizer stage
+    tokenizer_json["pre_tokenizer"]["prepend_scheme"] = "never"
     (broken / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    tokenizer_config = json.loads((broken / "tokenizer_config.json").read_text())
-    del tokenizer_config["add_prefix_space"]
-    (broken / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     report = verify_export(broken, texts=["module top;\n  wire a;\nendmodule\n", "Plain words here."])
     assert not report["passed"]
     assert report["checks"]["token_ids"]["mismatched_documents"] == 2
@@ -292,75 +304,124 @@ def test_answer_shapes_are_checked():
     assert events == [{"a": 1}, {"b": 2}]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def test_a_stream_that_breaks_off_fails_the_smoke_test():
+    chunk = {"object": "text_completion", "choices": [{"index": 0, "text": "x"}]}
+    final = {"object": "text_completion", "choices": [{"index": 0, "text": "", "finish_reason": "length"}]}
+    assert merge_stream("completion", [chunk, final])["choices"][0] == {"text": "x", "finish_reason": "length"}
+    # what transformers serve 5.24 sends when its stream decoder fails (see docs/troubleshooting.md)
+    broken = {"error": "Invalid prefix encountered while decoding stream. Token ID: 385"}
+    with pytest.raises(SmokeTestError, match="broke off after 1 chunks.*Invalid prefix"):
+        merge_stream("completion", [chunk, broken])
+    with pytest.raises(SmokeTestError, match="without a final chunk"):
+        merge_stream("completion", [chunk, chunk])
 
 
 def test_smoke_test_reports_an_unreachable_endpoint(capsys):
-    status = main(["smoke-test", "--base-url", f"http://127.0.0.1:{_free_port()}/v1", "--model", "m",
+    status = main(["smoke-test", "--base-url", f"http://127.0.0.1:{free_port()}/v1", "--model", "m",
                    "--timeout-s", "5"])
     assert status == 2 and "cannot reach" in capsys.readouterr().err
 
 
-def _wait_until_healthy(process: subprocess.Popen, port: int, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"the server did not answer within {SERVER_START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+def test_an_interpreter_without_a_completions_server_is_refused_with_the_fix():
+    # this test environment's transformers (4.57 fresh, 4.40 container) has no /v1/completions server
+    with pytest.raises(UserInputError, match="setup_env.sh serve"):
+        check_serving_python(Path(sys.executable))
+    with pytest.raises(UserInputError, match="no such interpreter"):
+        check_serving_python(Path("/nonexistent/bin/python"))
 
 
-@pytest.fixture
-def served_export(exported, tmp_path):
-    """`transformers serve` on the exported folder, on loopback only; stopped after the test."""
-    serving = pytest.importorskip("transformers.commands.serving")
-    if not hasattr(serving, "serve_dependencies_available"):  # transformers 4.40 (NeMo 24.07): old `serve`
-        pytest.skip("this transformers has no OpenAI-compatible `transformers serve` (added after 4.40)")
-    if not serving.serve_dependencies_available:
-        pytest.skip("`transformers serve` needs fastapi, uvicorn, pydantic and openai (pip install them)")
-    port, log = _free_port(), tmp_path / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "transformers.commands.transformers_cli", "serve",
-               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
-               "--force_model", str(exported[0])]
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+def _serving_python_or_skip() -> Path:
+    """The serving environment's interpreter; CI sets DAPT_REQUIRE_SERVE=1 so that its absence fails."""
+    python = find_serving_python()
     try:
-        _wait_until_healthy(process, port, log)
-        yield f"http://127.0.0.1:{port}/v1", exported[0]
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+        check_serving_python(python)
+    except UserInputError as error:
+        if os.environ.get("DAPT_REQUIRE_SERVE") == "1":
+            pytest.fail(f"DAPT_REQUIRE_SERVE=1, but {error}")
+        pytest.skip(str(error))
+    return python
 
 
-def test_smoke_test_against_a_local_openai_compatible_server(served_export, tmp_path, capsys):
+def _without_high_byte_pieces(export_folder: Path, folder: Path) -> Path:
+    """A copy of the export whose generation config never picks the byte pieces <0x80>..<0xFF>.
+
+    The export's weights are random, so greedy decoding emits lone non-ASCII bytes that no UTF-8 text holds.
+    transformers serve's stream decoder aborts on those mid-stream (docs/troubleshooting.md; the smoke test
+    reports it, see test_a_stream_that_breaks_off_fails_the_smoke_test). A trained model writes valid UTF-8.
+    """
+    from transformers import AutoTokenizer, GenerationConfig
+
+    shutil.copytree(export_folder, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    generation = GenerationConfig.from_pretrained(folder)
+    generation.suppress_tokens = tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in range(0x80, 0x100)])
+    generation.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served_export(exported, tmp_path_factory):
+    """`transformers serve` (the serving environment) on the exported model, loopback only, for this module."""
+    python = _serving_python_or_skip()
+    root = tmp_path_factory.mktemp("serve")
+    folder = _without_high_byte_pieces(exported[0], root / "export")
+    with local_server(folder, python, log=root / "server.log") as base_url:
+        yield base_url, folder
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_smoke_test_against_a_local_openai_compatible_server(served_export, tmp_path, capsys, stream):
     base_url, folder = served_export
-    common = ["smoke-test", "--base-url", base_url, "--model", str(folder), "--tokenizer", str(folder),
-              "--max-tokens", "8", "--timeout-s", "60"]
-    # transformers serve (4.57) offers /v1/chat/completions only, and always streams
-    status = main([*common, "--requests", "chat", "--stream", "--output", str(tmp_path / "smoke")])
+    status = main(["smoke-test", "--base-url", base_url, "--tokenizer", str(folder), "--max-tokens", "8",
+                   "--timeout-s", "60", "--stream" if stream else "--no-stream", "--output", str(tmp_path)])
     assert status == 0, capsys.readouterr().err
-    report = json.loads((tmp_path / "smoke" / "smoke_test.json").read_text())
-    chat = report["checks"]["chat"]
-    assert report["passed"] and chat["streamed_chunks"] >= 2 and chat["text"]
-    assert chat["round_trip"]["passed"] and report["checks"]["prompt_round_trip"]["passed"]
-    capsys.readouterr()
-    # it has no /v1/completions: the smoke test must fail on that, clearly and with a non-zero exit
-    status = main(common)
+    report = json.loads((tmp_path / "smoke_test.json").read_text())
+    # no --model: the smoke test takes the one GET /v1/models lists, the served export
+    assert report["passed"] and report["model"] == str(folder) and report["model_listed"]
+    assert report["checks"]["prompt_round_trip"]["passed"]
+    for kind in ("completion", "chat"):
+        check = report["checks"][kind]
+        assert check["passed"] and check["round_trip"]["passed"], (kind, check)
+        assert check["prompt_tokens"]["passed"] and check["prompt_tokens"]["server"] > 0, (kind, check)
+        assert 0 < check["usage"]["completion_tokens"] <= 8
+        assert (check["streamed_chunks"] or 0) >= (2 if stream else 0)
+
+
+def _post_json(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_the_served_model_is_the_export(served_export):
+    """A greedy completion from the server equals the export's greedy continuation computed here."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_url, folder = served_export
+    prompt = "module counter (input logic clk, output logic [7:0] count);"
+    answer = _post_json(f"{base_url}/completions",
+                        {"model": str(folder), "prompt": prompt, "max_tokens": 12, "temperature": 0.0})
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    local = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert answer["choices"][0]["text"] == local
+    assert answer["usage"]["prompt_tokens"] == ids["input_ids"].shape[1]
+
+
+def test_smoke_test_fails_clearly_for_a_model_the_server_does_not_serve(served_export, capsys):
+    base_url, folder = served_export
+    status = main(["smoke-test", "--base-url", base_url, "--model", "llama-2-7b-chipdesign",
+                   "--max-tokens", "4", "--timeout-s", "60"])
     error = capsys.readouterr().err
-    assert status == 2 and "completions answered HTTP 404" in error
+    assert status == 2 and "answered HTTP 4" in error and "llama-2-7b-chipdesign" in error
+
+
+def test_local_server_refuses_a_folder_without_a_model(tmp_path):
+    with pytest.raises(UserInputError, match="config.json"), local_server(tmp_path):
+        pass
 
 
 def test_export_of_a_model_with_tied_embeddings(tmp_path, tokenizer_dir, sample_data):

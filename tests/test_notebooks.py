@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,9 @@ def test_pretraining_notebook(executed: dict[str, Path]) -> None:
     assert (run / "export" / "verify.json").is_file()
     text = _outputs_text(executed["domain_adaptive_pretraining.ipynb"])
     assert "domain bits/byte" in text
+    smoke = run / "smoke_test" / "smoke_test.json"
+    if os.environ.get("DAPT_REQUIRE_SERVE") == "1" or smoke.exists():  # CI: the serving environment is built
+        report = json.loads(smoke.read_text())
+        assert report["passed"] and {"completion", "chat"} <= set(report["checks"])
+    else:
+        assert "local smoke test NOT run" in text

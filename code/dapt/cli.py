@@ -38,6 +38,8 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
                  "bits per byte on held-out domain and general text"),
     "export": ("dapt.export", "ExportConfig", "export",
                "export the trained model for NIM and verify it"),
+    "serve": ("dapt.serve", "ServeConfig", "serve",
+              "serve an exported model locally (OpenAI-compatible, CPU) with the serving environment"),
     "smoke-test": ("dapt.export", "SmokeTestConfig", "smoke_test",
                    "send completion and chat requests to an OpenAI-compatible endpoint"),
 }

@@ -48,13 +48,15 @@ NEMO_PRECISION = {"float32": "32", "bfloat16": "bf16", "float16": "16"}
 # first [INST] block between <<SYS>> markers; each user turn opens with BOS and is wrapped in
 # [INST] ... [/INST]; each assistant turn follows its user turn and ends with EOS. The prompt ends after
 # the last [/INST], where the model starts answering (so add_generation_prompt needs no extra text).
+# The space after BOS gives "▁[" as Meta's Llama 2 chat format does (BOS, then "[INST] ..." encoded with
+# SentencePiece's dummy prefix); the fast tokenizer adds no prefix after a special token by itself.
 LLAMA2_CHAT_TEMPLATE = (
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set system_text = messages[0]['content'] | trim -%}{%- set turns = messages[1:] -%}"
     "{%- else -%}{%- set system_text = '' -%}{%- set turns = messages -%}{%- endif -%}"
     "{%- for message in turns -%}"
     "{%- if message['role'] == 'user' -%}"
-    "{{ bos_token + '[INST] ' }}"
+    "{{ bos_token + ' [INST] ' }}"
     "{%- if loop.first and system_text -%}{{ '<<SYS>>\n' + system_text + '\n<</SYS>>\n\n' }}{%- endif -%}"
     "{{ (message['content'] | trim) + ' [/INST]' }}"
     "{%- elif message['role'] == 'assistant' -%}"
@@ -450,16 +452,17 @@ def _check_generation(model: Any, hf_tokenizer: Any, prompt: str, new_tokens: in
             "text": hf_tokenizer.decode(generated, skip_special_tokens=False)}
 
 
-def _check_chat_template(hf_tokenizer: Any) -> dict:
-    messages = [{"role": "system", "content": "You answer questions about chip design."},
-                {"role": "user", "content": "What does a flip-flop store?"}]
+def _check_chat_template(hf_tokenizer: Any, processor: Any) -> dict:
+    """The template's token ids for a system + user turn equal Meta's Llama 2 chat format built with SentencePiece."""
+    system, question = "You answer questions about chip design.", "What does a flip-flop store?"
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
     try:
         rendered = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = list(hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True))
     except Exception as error:  # any template error makes the chat endpoint unusable
         return {"passed": False, "error": f"{type(error).__name__}: {error}"}
-    expected_start = f"{hf_tokenizer.bos_token}[INST] <<SYS>>\n"
-    passed = rendered.startswith(expected_start) and rendered.endswith("[/INST]")
-    return {"passed": passed, "rendered": rendered}
+    expected = [processor.bos_id(), *processor.encode(f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{question} [/INST]")]
+    return {"passed": ids == expected, "rendered": rendered, "tokens": len(ids), "meta_format_tokens": len(expected)}
 
 
 def verify_export(folder: Path, texts: list[str] | None = None, heldout: Path | None = None,
@@ -470,9 +473,9 @@ def verify_export(folder: Path, texts: list[str] | None = None, heldout: Path | 
 
     Checks: the files (safetensors, tokenizer files, no pickles); one vocabulary size across config.json,
     weights, SentencePiece and the HF tokenizer; HF token ids equal SentencePiece ids on held-out text
-    (``texts``, or read from ``heldout``); the chat template renders; greedy generation runs; and, where
-    ``reference_logits`` (the source weights' logits on ``probe_ids``) are given, the exported model's logits
-    match within ``tolerance``.
+    (``texts``, or read from ``heldout``); the chat template gives Meta's Llama 2 chat token ids; greedy
+    generation runs; and, where ``reference_logits`` (the source weights' logits on ``probe_ids``) are given,
+    the exported model's logits match within ``tolerance``.
     """
     import sentencepiece as spm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -488,7 +491,7 @@ def verify_export(folder: Path, texts: list[str] | None = None, heldout: Path | 
     processor.Load(str(folder / "tokenizer.model"))
     checks["vocab_size"] = _check_vocab(folder, hf_tokenizer, processor)
     checks["token_ids"] = _check_token_ids(hf_tokenizer, processor, texts)
-    checks["chat_template"] = _check_chat_template(hf_tokenizer)
+    checks["chat_template"] = _check_chat_template(hf_tokenizer, processor)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype="auto", local_files_only=True)
     except (OSError, RuntimeError, ValueError) as error:
@@ -567,10 +570,13 @@ def parse_event_stream(body: bytes) -> list[dict]:
     return events
 
 
-def _merge_stream(kind: str, events: list[dict]) -> dict:
+def merge_stream(kind: str, events: list[dict]) -> dict:
     """Fold streamed chunks into one answer of the non-streaming shape."""
     text, role, finish, usage = [], None, None, None
     for event in events:
+        if "error" in event:  # a server that fails mid-stream says so in an event (HTTP status is already 200)
+            raise SmokeTestError(f"the {kind} stream broke off after {len(text)} chunks with the server's "
+                                 f"error: {json.dumps(event['error'])[:500]}")
         usage = event.get("usage") or usage
         for choice in event.get("choices") or []:
             if kind == "completion":
@@ -580,6 +586,9 @@ def _merge_stream(kind: str, events: list[dict]) -> dict:
                 role = delta.get("role") or role
                 text.append(delta.get("content") or "")
             finish = choice.get("finish_reason") or finish
+    if finish is None:
+        raise SmokeTestError(f"the {kind} stream ended without a final chunk (no finish_reason in "
+                             f"{len(events)} events)")
     if kind == "completion":
         choice = {"text": "".join(text), "finish_reason": finish}
     else:
@@ -624,7 +633,7 @@ def _send(kind: str, model: str, config: SmokeTestConfig) -> tuple[dict, Any]:
     if status != 200:
         raise SmokeTestError(f"POST {url} answered HTTP {status}: {body[:300].decode('utf-8', 'replace')}")
     if content_type.startswith("text/event-stream"):
-        answer = _merge_stream(kind, parse_event_stream(body))
+        answer = merge_stream(kind, parse_event_stream(body))
     else:
         try:
             answer = json.loads(body)

@@ -956,6 +956,7 @@ def write_hf_tokenizer(folder: Path) -> None:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             shutil.copy(Path(scratch) / name, folder / name)
     _write_portable_merges(folder / "tokenizer.json")
+    _prefix_first_word_only(folder / "tokenizer.json")
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     # Without add_prefix_space the tokenizer loads tokenizer.json as written (no re-conversion,
@@ -963,6 +964,28 @@ def write_hf_tokenizer(folder: Path) -> None:
     config.pop("add_prefix_space", None)
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
+
+
+# SentencePiece's dummy prefix as tokenizers >= 0.19 and transformers >= 4.41 write it for Llama: one "▁" before
+# the first word of the text, none after a special token inside it.
+FIRST_WORD_METASPACE = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+LEGACY_PREFIX_NORMALIZERS = [{"type": "Prepend", "prepend": "\u2581"},
+                             {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]
+
+
+def _prefix_first_word_only(path: Path) -> None:
+    """Write the dummy prefix as a first-word-only Metaspace pre-tokenizer, whatever transformers converted it.
+
+    transformers 4.40 (the NeMo 24.07 container) writes it as a Prepend normalizer instead, which adds a "▁"
+    after every special token too (`<s>[INST]` gives `<s>`, `▁[`); transformers 5 ignores that normalizer
+    and prefixes the first word only. Rewritten, the same folder tokenizes alike under 4.40, 4.57 and 5.x
+    (tokenizers 0.19 reads this form).
+    """
+    data = json.loads(path.read_text(encoding="utf-8"))
+    normalizer = data.get("normalizer") or {}
+    if data.get("pre_tokenizer") is None and normalizer.get("normalizers") == LEGACY_PREFIX_NORMALIZERS:
+        data["normalizer"], data["pre_tokenizer"] = None, dict(FIRST_WORD_METASPACE)
+        path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 def _write_portable_merges(path: Path) -> None:
