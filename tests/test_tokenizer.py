@@ -24,6 +24,7 @@ from dapt.tokenizer import (
     _training_lines,
     cumulative_cut,
     general_document_frequency,
+    hf_tokenizer_files,
     load_proto,
     processor,
 )
@@ -116,6 +117,49 @@ def test_fast_tokenizer_matches_sentencepiece_on_held_out(guided: Path, shared_d
     texts = [d.text for d in load_corpus(shared_data / "heldout", "heldout").documents]
     assert fast(texts, add_special_tokens=False)["input_ids"] == sp.encode(texts)
     assert len(fast) == sp.get_piece_size()
+
+
+@pytest.mark.parametrize("method", ["guided", "chipnemo"])
+def test_hf_files_equal_transformers_own_conversion(method: str, request, tmp_path: Path) -> None:
+    """The stage writes the HF files itself (no transformers import); they hold what transformers converts."""
+    import transformers
+    from packaging.version import Version
+    from transformers import LlamaTokenizerFast
+
+    folder = request.getfixturevalue(method)
+    ours = hf_tokenizer_files(load_proto(folder))
+    LlamaTokenizerFast(vocab_file=str(folder / "tokenizer.model"), legacy=False, add_prefix_space=True,
+                       from_slow=True).save_pretrained(tmp_path)
+    theirs = json.loads((tmp_path / "tokenizer.json").read_text())
+    merges = [m if isinstance(m, str) else " ".join(m) for m in theirs["model"]["merges"]]
+    assert theirs["model"]["vocab"] == ours["tokenizer.json"]["model"]["vocab"]
+    if Version(transformers.__version__) < Version("4.41"):
+        # 4.40 orders the splits of one piece by the parts' ids (the ranks that matter are the pieces' scores)
+        # and leaves control and user-defined pieces out of added_tokens; the stage writes the newer form
+        assert sorted(merges) == sorted(ours["tokenizer.json"]["model"]["merges"])
+        return
+    assert merges == ours["tokenizer.json"]["model"]["merges"]
+    for key in ("added_tokens", "post_processor", "decoder"):
+        assert theirs[key] == ours["tokenizer.json"][key], key
+    assert {k: v for k, v in theirs["model"].items() if k != "merges"} == \
+        {k: v for k, v in ours["tokenizer.json"]["model"].items() if k != "merges"}
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for key in ("added_tokens_decoder", "bos_token", "eos_token", "unk_token", "add_bos_token", "add_eos_token"):
+        assert config[key] == ours["tokenizer_config.json"][key], key
+
+
+def test_autotokenizer_gives_the_reports_fast_tokenizer_ids(chipnemo: Path, shared_data: Path) -> None:
+    """The report's HF check runs tokenizer.json with tokenizers; AutoTokenizer gives the same ids."""
+    import tokenizers
+    from transformers import AutoTokenizer
+
+    texts = [d.text for d in load_corpus(shared_data / "heldout", "heldout").documents]
+    engine = tokenizers.Tokenizer.from_file(str(chipnemo / "tokenizer.json"))
+    auto = AutoTokenizer.from_pretrained(str(chipnemo))
+    assert auto(texts, add_special_tokens=False)["input_ids"] == [e.ids for e in engine.encode_batch(
+        texts, add_special_tokens=False)]
+    report = json.loads((chipnemo / "report.json").read_text())["hf_agreement"]
+    assert report["domain_heldout"]["differing"] > 0  # USER_DEFINED pieces: the measured defect
 
 
 def test_chipnemo_recipe_is_the_fixed_original(chipnemo: Path, llama2_tokenizer: Path) -> None:
@@ -231,11 +275,38 @@ def test_chunked_word_counts_equal_whole_documents(shared_data: Path, llama2_tok
     whole = guided_bpe.count_words([[table[i] for i in ids] for ids in processor(base).encode(texts)], vocab)
     encoder = ChunkEncoder(base, max_cached=50)  # a tiny cache: emptied between batches
     chunked: Counter = Counter()
+    fast = guided_bpe.WordCounter(table)
     for text in texts:
         units = encoder.units(text)
         encoder.prepare(units)
         guided_bpe.add_weighted_words(chunked, [([table[i] for i in encoder.cache[u]], 1) for u in units], vocab)
+        for unit in units:
+            fast.add(encoder.cache[unit], 2)
     assert chunked == whole
+    # the stage's counter keeps the words BPE can merge (2+ symbols), byte-fallback text included
+    assert fast.counts == Counter({word: 2 * n for word, n in whole.items() if len(word) > 1})
+    assert any(not fast.byte_ids.isdisjoint(encoder.cache[u]) for u in encoder.units(texts[-1]))  # slow path ran
+
+
+def test_leaving_out_general_words_that_cannot_change_keeps_the_merges(shared_data: Path,
+                                                                         llama2_tokenizer: Path) -> None:
+    base = load_proto(llama2_tokenizer)
+    table = [p.piece for p in base.pieces]
+    words = {}
+    for name in ("domain", "general"):
+        counter = guided_bpe.WordCounter(table)
+        texts = [d.text for d in load_corpus(shared_data / "heldout" / f"{name}_heldout.jsonl", name).documents]
+        for ids in processor(base).encode(texts):
+            counter.add(ids, 1)
+        words[name] = counter.counts
+    filtered = guided_bpe.pair_statistics(words["domain"], words["general"])
+    every = list(set(words["domain"]) | set(words["general"]))
+    unfiltered = guided_bpe.PairStats([list(w) for w in every], [words["domain"].get(w, 0) for w in every],
+                                      [words["general"].get(w, 0) for w in every])
+    assert len(filtered.words) < len(unfiltered.words)
+    runs = [guided_bpe.learn_merges(stats, None, set(table), max_merges=300, general_penalty=4.0,
+                                    min_domain_count=1, progress=False) for stats in (filtered, unfiltered)]
+    assert runs[0].merges == runs[1].merges and runs[0].final_use == runs[1].final_use
 
 
 def test_tokenizer_json_is_readable_by_older_tokenizers(guided: Path) -> None:

@@ -94,6 +94,41 @@ def add_weighted_words(counts: Counter, segmentations: Iterable[tuple[Sequence[s
             counts[word] += multiplicity
 
 
+class WordCounter:
+    """Word types of base segmentations given as ids, counted fast; only words BPE can merge (2+ symbols).
+
+    Equal to :func:`add_weighted_words` restricted to words of two or more symbols: single-symbol words
+    never hold a pair, so learning merges ignores them. Segmentations without byte pieces (almost all)
+    take a fast path that splits ids at word starts; the others go through :func:`pieces_to_symbols`.
+    """
+
+    def __init__(self, pieces: Sequence[str]):
+        self.pieces = list(pieces)
+        self.vocab = set(self.pieces)
+        self.starts_word = [piece.startswith(WORD_START) for piece in self.pieces]
+        self.byte_ids = frozenset(i for i, piece in enumerate(self.pieces) if _BYTE_PIECE.match(piece))
+        self.counts: Counter = Counter()
+
+    def add(self, ids: Sequence[int], multiplicity: int) -> None:
+        """Count the words of one segmentation ``multiplicity`` times."""
+        if len(ids) < 2:
+            return
+        counts, pieces = self.counts, self.pieces
+        if not self.byte_ids.isdisjoint(ids):
+            for word in split_words(pieces_to_symbols([pieces[i] for i in ids]), self.vocab):
+                if len(word) > 1:
+                    counts[word] += multiplicity
+            return
+        starts, start = self.starts_word, 0
+        for k in range(1, len(ids)):
+            if starts[ids[k]]:
+                if k - start > 1:
+                    counts[tuple(pieces[i] for i in ids[start:k])] += multiplicity
+                start = k
+        if len(ids) - start > 1:
+            counts[tuple(pieces[i] for i in ids[start:])] += multiplicity
+
+
 @dataclass(frozen=True)
 class Merge:
     """One learned merge: ``left + right -> piece``, with the counts that chose it."""
@@ -120,7 +155,7 @@ def _has_adjacent_digits(text: str) -> bool:
     return any(a.isdigit() and b.isdigit() for a, b in zip(text, text[1:]))
 
 
-class _PairStats:
+class PairStats:
     """Pair counts over word types, with an index from pair to the words that may hold it.
 
     The index is kept lazily (a word stays listed under pairs it no longer holds);
@@ -199,9 +234,23 @@ class _PairStats:
         self.words[index] = out
 
 
+def pair_statistics(domain_words: Counter, general_words: Counter) -> PairStats:
+    """Pair counts over the word types that merges can change; the input of :func:`learn_merges`.
+
+    A general-only word holding no pair of adjacent symbols that some domain word holds is left out: a
+    merge needs a pair with domain uses, so such a word can never change and its pairs never score.
+    """
+    domain_pairs = {pair for word in domain_words if len(word) > 1 for pair in zip(word, word[1:])}
+    words = [list(w) for w in domain_words if len(w) > 1]
+    words += [list(w) for w in general_words
+              if len(w) > 1 and w not in domain_words and not domain_pairs.isdisjoint(zip(w, w[1:]))]
+    return PairStats(words, [domain_words.get(tuple(w), 0) for w in words],
+                      [general_words.get(tuple(w), 0) for w in words])
+
+
 def learn_merges(
-    domain_words: Counter,
-    general_words: Counter,
+    domain_words: Counter | PairStats,
+    general_words: Counter | None,
     base_vocab: set[str],
     max_merges: int,
     general_penalty: float = 4.0,
@@ -213,14 +262,16 @@ def learn_merges(
 ) -> BPEResult:
     """Learn up to ``max_merges`` new pieces over the base segmentation.
 
-    A merge's score is ``(domain - general_penalty * general) * (1 + guide_bonus)``
-    when its result is in ``guide`` and without the bonus otherwise; merges with a
-    score <= 0 or a domain count below ``min_domain_count`` are never taken. With
-    ``split_digits`` no piece holds two adjacent digits (Llama 2 splits numbers).
+    The words come as domain and general word counts, or as the :func:`pair_statistics` built from them
+    beforehand (``general_words`` None); those statistics are consumed. A merge's score is
+    ``(domain - general_penalty * general) * (1 + guide_bonus)`` when its result is in ``guide`` and
+    without the bonus otherwise; merges with a score <= 0 or a domain count below ``min_domain_count`` are
+    never taken. With ``split_digits`` no piece holds two adjacent digits (Llama 2 splits numbers).
     """
-    words = [list(w) for w in set(domain_words) | set(general_words) if len(w) > 1]
-    stats = _PairStats(words, [domain_words.get(tuple(w), 0) for w in words],
-                       [general_words.get(tuple(w), 0) for w in words])
+    if isinstance(domain_words, PairStats):
+        stats = domain_words
+    else:
+        stats = pair_statistics(domain_words, general_words or Counter())
     guide = guide or set()
     known = set(base_vocab)
 

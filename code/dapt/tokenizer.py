@@ -15,12 +15,9 @@ Two merge methods:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing
 import re
-import shutil
-import tempfile
 import time
 import zlib
 from collections import Counter
@@ -535,28 +532,27 @@ class _UnitTally:
             self.pending.clear()
 
 
-def base_pass(corpus: StreamedCorpus, encoder: ChunkEncoder, words: Counter | None,
-              training: TrainingLines | None = None) -> list[int]:
-    """One pass with the base model: tokens per document, word counts for guided BPE, training lines."""
-    table = encoder.pieces
-    vocab = set(table)
-
-    def count(weighted) -> None:
-        guided_bpe.add_weighted_words(words, (([table[i] for i in ids], n) for ids, n in weighted), vocab)
-
-    tally = _UnitTally(encoder, count) if words is not None else None
+def base_pass(corpus: StreamedCorpus, encoder: ChunkEncoder, words: guided_bpe.WordCounter | None) -> list[int]:
+    """One pass with the base model: tokens per document, and word counts for guided BPE."""
+    tally = _UnitTally(encoder, lambda weighted: [words.add(ids, n) for ids, n in weighted]) if words else None
     lengths: list[int] = []
     for batch in corpus.batches():
         units = _units_of(encoder, batch)
         lengths.extend(map(encoder.length, units))
-        if training is not None:
-            for _, text in batch:
-                training.add(text)
         if tally is not None:
             tally.add(units)
     if tally is not None:
         tally.flush()
     return lengths
+
+
+def training_lines(corpus: StreamedCorpus, limit: int) -> TrainingLines:
+    """The domain tokenizer's training lines (the corpus's first pass: read, blobs masked, counted)."""
+    lines = TrainingLines(limit)
+    for batch in corpus.batches():
+        for _, text in batch:
+            lines.add(text)
+    return lines
 
 
 def adapted_pass(corpus: StreamedCorpus, encoder: ChunkEncoder, first_new: int,
@@ -625,16 +621,16 @@ def select_chipnemo(
 
 
 def select_guided_bpe(
-    base: sp_pb2.ModelProto, candidates: Candidates, domain_words: Counter, general_words: Counter,
-    config: TokenizerConfig,
+    base: sp_pb2.ModelProto, candidates: Candidates, pairs: guided_bpe.PairStats, config: TokenizerConfig,
 ) -> Selection:
-    """Continued BPE over the base segmentation (given as word counts), guided by the domain tokenizer."""
+    """Continued BPE over the base segmentation (as :func:`guided_bpe.pair_statistics`), guided by the domain
+    tokenizer."""
     vocab = {p.piece for p in base.pieces}
     started = time.perf_counter()
     guide = {c[i:j] for c in candidates.pieces for i in range(len(c)) for j in range(i + 2, len(c) + 1)}
     budget = config.max_added_tokens or len(candidates.pieces)
     result = guided_bpe.learn_merges(
-        domain_words, general_words, vocab, max_merges=budget,
+        pairs, None, vocab, max_merges=budget,
         general_penalty=config.general_penalty, min_domain_count=config.min_domain_count,
         guide=guide, guide_bonus=config.guide_bonus, split_digits=base.trainer_spec.split_digits,
     )
@@ -816,12 +812,6 @@ class _Trainer:
             self.process = None
 
 
-def _preload_transformers() -> None:
-    """Import transformers' tokenizer classes (seconds of CPU) while the child process trains."""
-    with contextlib.suppress(ImportError):
-        from transformers import AutoTokenizer, LlamaTokenizerFast  # noqa: F401
-
-
 def adapt_tokenizer(config: TokenizerConfig) -> Path:
     """Run the whole adaptation and write the tokenizer folder; returns its path.
 
@@ -842,20 +832,21 @@ def adapt_tokenizer(config: TokenizerConfig) -> Path:
     general = StreamedCorpus(config.general_data, "general", config.text_keys, mask=False)
     guided = config.method == "guided-bpe"
 
-    encoder = ChunkEncoder(base)
-    words = {"domain": Counter(), "general": Counter()} if guided else {"domain": None, "general": None}
-    lines = TrainingLines(config.max_training_lines)
-    before = {"domain": base_pass(domain, encoder, words["domain"], lines)}
-    clock.lap("domain pass (base segmentation)")
+    lines = training_lines(domain, config.max_training_lines)
+    clock.lap("read domain data")
     settings = dict(LLAMA2_TRAINER_SETTINGS, character_coverage=base.trainer_spec.character_coverage or 0.99995)
     trainer = _Trainer(lines.result(), config.domain_vocab_size, settings, config.workers)
-    try:
+    try:  # while the domain tokenizer trains: everything that needs only the base model
+        encoder = ChunkEncoder(base)
+        words = {name: guided_bpe.WordCounter(encoder.pieces) if guided else None for name in ("domain", "general")}
+        before = {"domain": base_pass(domain, encoder, words["domain"])}
+        clock.lap("domain pass (base segmentation)")
         before["general"] = base_pass(general, encoder, words["general"])
         del encoder
         clock.lap("general pass (base segmentation)")
-        if trainer.running():
-            _preload_transformers()
-            clock.lap("import transformers")
+        pairs = guided_bpe.pair_statistics(words["domain"].counts, words["general"].counts) if guided else None
+        del words
+        clock.lap("pair statistics")
         domain_model = trainer.result()
     finally:
         trainer.close()
@@ -868,10 +859,10 @@ def adapt_tokenizer(config: TokenizerConfig) -> Path:
             f"in the base vocabulary or frequent in {config.general_data}; raise --domain-vocab-size or --occur-limit."
         )
     if guided:
-        selection = select_guided_bpe(base, candidates, words["domain"], words["general"], config)
+        selection = select_guided_bpe(base, candidates, pairs, config)
     else:
         selection = select_chipnemo(base, candidates, domain, config.freq_threshold, config.max_added_tokens)
-    del words
+    del pairs
     clock.lap("select tokens")
 
     first_new = len(base.pieces)
@@ -939,65 +930,86 @@ def adapt_tokenizer(config: TokenizerConfig) -> Path:
     return Path(config.output)
 
 
+# The fast tokenizer of a Llama-style SentencePiece BPE model, as tokenizers >= 0.19 and transformers >= 4.41
+# describe it: SentencePiece's dummy prefix is one "▁" before the first word (none after a special token),
+# spaces become "▁", unknown characters fall back to <0xNN> bytes, BOS is added in front.
+_HF_PRE_TOKENIZER = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+_HF_DECODER = {"type": "Sequence", "decoders": [
+    {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+    {"type": "ByteFallback"},
+    {"type": "Fuse"},
+    {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+]}
+_HF_TOKEN_FLAGS = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False}
+HF_MAX_LENGTH = int(1e30)  # transformers' "no limit" for model_max_length
+
+
+def bpe_merges(model: sp_pb2.ModelProto) -> list[str]:
+    """The fast tokenizer's BPE merges ("left right") of a SentencePiece BPE model.
+
+    Every way to split a piece into two pieces of the vocabulary is a merge; merges rank by the score of
+    the piece they build (SentencePiece applies the highest-scoring one first), then longer left part, then
+    longer right part, then the built piece's id: the order of transformers' Llama converter (4.41 and later).
+    """
+    ids = {p.piece: i for i, p in enumerate(model.pieces)}
+    merges = []
+    for piece_id, piece in enumerate(model.pieces):
+        text = piece.piece
+        for cut in range(1, len(text)):
+            left, right = text[:cut], text[cut:]
+            if left in ids and right in ids:
+                merges.append((-piece.score, -len(left), -len(right), piece_id, left, right))
+    merges.sort(key=lambda merge: merge[:4])
+    return [f"{left} {right}" for *_, left, right in merges]
+
+
+def hf_tokenizer_files(model: sp_pb2.ModelProto) -> dict[str, dict]:
+    """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` of a Llama-style model.
+
+    Written from the SentencePiece model alone (no transformers, no conversion): the files read the same in
+    tokenizers 0.19 / transformers 4.40 (the NeMo 24.07 container) and in newer releases. Merges are
+    ``"left right"`` strings, the form every tokenizers release reads (SentencePiece pieces hold no space).
+    """
+    pieces = model.pieces
+    special = {UNKNOWN: True, CONTROL: True, USER_DEFINED: False}
+    added = [{"id": i, "content": p.piece, **_HF_TOKEN_FLAGS, "special": special[p.type]}
+             for i, p in enumerate(pieces) if p.type in special]
+    unk, bos, eos = (pieces[i].piece for i in (model.trainer_spec.unk_id, model.trainer_spec.bos_id,
+                                                model.trainer_spec.eos_id))
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": None, "pre_tokenizer": dict(_HF_PRE_TOKENIZER),
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [model.trainer_spec.bos_id], "tokens": [bos]}},
+        },
+        "decoder": _HF_DECODER,
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+            "vocab": {p.piece: i for i, p in enumerate(pieces)}, "merges": bpe_merges(model),
+        },
+    }
+    config = {
+        "add_bos_token": True, "add_eos_token": False,
+        "added_tokens_decoder": {str(t["id"]): {k: t[k] for k in sorted(t) if k != "id"} for t in added},
+        "bos_token": bos, "clean_up_tokenization_spaces": False, "eos_token": eos, "legacy": False,
+        "model_max_length": HF_MAX_LENGTH, "pad_token": None, "sp_model_kwargs": {},
+        "spaces_between_special_tokens": False, "tokenizer_class": "LlamaTokenizer", "unk_token": unk,
+        "use_default_system_prompt": False,
+    }
+    flags = {k: _HF_TOKEN_FLAGS[k] for k in sorted(_HF_TOKEN_FLAGS)}
+    special_map = {name: {"content": text, **flags} for name, text in
+                   (("bos_token", bos), ("eos_token", eos), ("unk_token", unk))}
+    return {"tokenizer.json": tokenizer, "tokenizer_config.json": config, "special_tokens_map.json": special_map}
+
+
 def write_hf_tokenizer(folder: Path) -> None:
-    """Write transformers' fast-tokenizer files for ``folder/tokenizer.model``.
-
-    The fast tokenizer is converted from the SentencePiece model with Llama's
-    converter (non-legacy Metaspace, prefix on the first word only), which gives
-    the same ids as SentencePiece for the pieces this module adds.
-    """
-    from transformers import LlamaTokenizerFast
-
-    fast = LlamaTokenizerFast(
-        vocab_file=str(folder / TOKENIZER_FILE), legacy=False, add_prefix_space=True, from_slow=True,
-    )
-    with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        fast.save_pretrained(scratch)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            shutil.copy(Path(scratch) / name, folder / name)
-    _write_portable_merges(folder / "tokenizer.json")
-    _prefix_first_word_only(folder / "tokenizer.json")
-    config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    # Without add_prefix_space the tokenizer loads tokenizer.json as written (no re-conversion,
-    # no sentencepiece needed); the Metaspace pre-tokenizer already prepends '▁' to the first word.
-    config.pop("add_prefix_space", None)
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Write the HF fast-tokenizer files for ``folder/tokenizer.model`` (see :func:`hf_tokenizer_files`)."""
+    for name, content in hf_tokenizer_files(load_proto(folder / TOKENIZER_FILE)).items():
+        (folder / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-
-# SentencePiece's dummy prefix as tokenizers >= 0.19 and transformers >= 4.41 write it for Llama: one "▁" before
-# the first word of the text, none after a special token inside it.
-FIRST_WORD_METASPACE = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
-LEGACY_PREFIX_NORMALIZERS = [{"type": "Prepend", "prepend": "\u2581"},
-                             {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]
-
-
-def _prefix_first_word_only(path: Path) -> None:
-    """Write the dummy prefix as a first-word-only Metaspace pre-tokenizer, whatever transformers converted it.
-
-    transformers 4.40 (the NeMo 24.07 container) writes it as a Prepend normalizer instead, which adds a "▁"
-    after every special token too (`<s>[INST]` gives `<s>`, `▁[`); transformers 5 ignores that normalizer
-    and prefixes the first word only. Rewritten, the same folder tokenizes alike under 4.40, 4.57 and 5.x
-    (tokenizers 0.19 reads this form).
-    """
-    data = json.loads(path.read_text(encoding="utf-8"))
-    normalizer = data.get("normalizer") or {}
-    if data.get("pre_tokenizer") is None and normalizer.get("normalizers") == LEGACY_PREFIX_NORMALIZERS:
-        data["normalizer"], data["pre_tokenizer"] = None, dict(FIRST_WORD_METASPACE)
-        path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-
-
-def _write_portable_merges(path: Path) -> None:
-    """Store BPE merges as ``"left right"`` strings, the form every tokenizers release reads.
-
-    tokenizers >= 0.20 writes merges as ``[left, right]`` pairs, which tokenizers 0.19 (the NeMo 24.07
-    container) cannot parse. SentencePiece pieces never hold a plain space, so the string form is exact.
-    """
-    data = json.loads(path.read_text(encoding="utf-8"))
-    merges = data.get("model", {}).get("merges", [])
-    if merges and isinstance(merges[0], list):
-        if any(" " in part for pair in merges for part in pair):
-            return
-        data["model"]["merges"] = [f"{left} {right}" for left, right in merges]
-        path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
