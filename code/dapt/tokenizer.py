@@ -812,6 +812,14 @@ class _Trainer:
             self.process = None
 
 
+def _preload_matplotlib() -> None:
+    """Import the plotting library (half a second of CPU) while the main process waits for the training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
 def adapt_tokenizer(config: TokenizerConfig) -> Path:
     """Run the whole adaptation and write the tokenizer folder; returns its path.
 
@@ -847,6 +855,9 @@ def adapt_tokenizer(config: TokenizerConfig) -> Path:
         pairs = guided_bpe.pair_statistics(words["domain"].counts, words["general"].counts) if guided else None
         del words
         clock.lap("pair statistics")
+        if trainer.running():
+            _preload_matplotlib()
+            clock.lap("import matplotlib")
         domain_model = trainer.result()
     finally:
         trainer.close()
@@ -919,13 +930,14 @@ def adapt_tokenizer(config: TokenizerConfig) -> Path:
             "reachability": reach,
         })
         clock.lap("report")
+        report["training_lines"] = {"seen": lines.seen, "used": len(lines.result())}
+        tokenizer_report.plot_cumulative_use(selection.domain_use, config.freq_threshold, tmp / "cumulative_use.png")
+        tokenizer_report.plot_compression(report, tmp / "compression_by_file_type.png")
+        clock.lap("plots")
         report["seconds"] = clock.wall
         report["cpu_seconds"] = dict(clock.cpu, **{
             "train domain tokenizer (child process)": round(_children_cpu() - children_cpu, 2)})
-        report["training_lines"] = {"seen": lines.seen, "used": len(lines.result())}
         write_json(tmp / "report.json", report)
-        tokenizer_report.plot_cumulative_use(selection.domain_use, config.freq_threshold, tmp / "cumulative_use.png")
-        tokenizer_report.plot_compression(report, tmp / "compression_by_file_type.png")
     print(tokenizer_report.summary_line(report, config.output))
     return Path(config.output)
 
