@@ -219,8 +219,9 @@ def test_general_document_frequency_is_a_substring_count(shared_data: Path) -> N
 def test_learn_merges_on_a_toy_corpus() -> None:
     domain = Counter({("▁a", "l", "w", "a", "y", "s"): 10, ("▁r", "e", "g"): 6, ("1", "2"): 9})
     general = Counter({("▁r", "e", "g"): 5})
-    result = guided_bpe.learn_merges(domain, general, {"▁a", "l", "w", "a", "y", "s", "▁r", "e", "g", "1", "2"},
-                                     max_merges=10, min_domain_count=2, progress=False)
+    vocab = {"▁a", "l", "w", "a", "y", "s", "▁r", "e", "g", "1", "2"}
+    result = guided_bpe.learn_merges(guided_bpe.pair_statistics(domain, general), vocab, max_merges=10,
+                                     min_domain_count=2, progress=False)
     pieces = [m.piece for m in result.merges]
     assert pieces[-1] == "▁always" and "lw" in pieces or "al" in "".join(pieces)
     assert "12" not in pieces  # digits stay split
@@ -274,16 +275,13 @@ def test_chunked_word_counts_equal_whole_documents(shared_data: Path, llama2_tok
     vocab = set(table)
     whole = guided_bpe.count_words([[table[i] for i in ids] for ids in processor(base).encode(texts)], vocab)
     encoder = ChunkEncoder(base, max_cached=50)  # a tiny cache: emptied between batches
-    chunked: Counter = Counter()
     fast = guided_bpe.WordCounter(table)
     for text in texts:
         units = encoder.units(text)
         encoder.prepare(units)
-        guided_bpe.add_weighted_words(chunked, [([table[i] for i in encoder.cache[u]], 1) for u in units], vocab)
         for unit in units:
             fast.add(encoder.cache[unit], 2)
-    assert chunked == whole
-    # the stage's counter keeps the words BPE can merge (2+ symbols), byte-fallback text included
+    # chunk by chunk, the stage's counter keeps the words BPE can merge (2+ symbols), byte-fallback text included
     assert fast.counts == Counter({word: 2 * n for word, n in whole.items() if len(word) > 1})
     assert any(not fast.byte_ids.isdisjoint(encoder.cache[u]) for u in encoder.units(texts[-1]))  # slow path ran
 
@@ -304,7 +302,7 @@ def test_leaving_out_general_words_that_cannot_change_keeps_the_merges(shared_da
     unfiltered = guided_bpe.PairStats([list(w) for w in every], [words["domain"].get(w, 0) for w in every],
                                       [words["general"].get(w, 0) for w in every])
     assert len(filtered.words) < len(unfiltered.words)
-    runs = [guided_bpe.learn_merges(stats, None, set(table), max_merges=300, general_penalty=4.0,
+    runs = [guided_bpe.learn_merges(stats, set(table), max_merges=300, general_penalty=4.0,
                                     min_domain_count=1, progress=False) for stats in (filtered, unfiltered)]
     assert runs[0].merges == runs[1].merges and runs[0].final_use == runs[1].final_use
 

@@ -82,24 +82,14 @@ def count_words(segmentations: Iterable[Sequence[str]], vocab: set[str]) -> Coun
     return counts
 
 
-def add_weighted_words(counts: Counter, segmentations: Iterable[tuple[Sequence[str], int]], vocab: set[str]) -> None:
-    """Add the word types of ``(segmentation, multiplicity)`` pairs to ``counts``.
-
-    Used with the distinct space-delimited chunks of a corpus and their counts: a
-    chunk starts with '▁' (or is a document's start), so chunk boundaries are word
-    boundaries and counting chunk by chunk equals :func:`count_words` on whole documents.
-    """
-    for pieces, multiplicity in segmentations:
-        for word in split_words(pieces_to_symbols(pieces), vocab):
-            counts[word] += multiplicity
-
-
 class WordCounter:
     """Word types of base segmentations given as ids, counted fast; only words BPE can merge (2+ symbols).
 
-    Equal to :func:`add_weighted_words` restricted to words of two or more symbols: single-symbol words
-    never hold a pair, so learning merges ignores them. Segmentations without byte pieces (almost all)
-    take a fast path that splits ids at word starts; the others go through :func:`pieces_to_symbols`.
+    ``add(ids, n)`` for the distinct space-delimited chunks of a corpus with their counts equals
+    :func:`count_words` on the whole documents (a chunk starts a word), restricted to words of two or more
+    symbols: single-symbol words never hold a pair, so learning merges ignores them. Segmentations without
+    byte pieces (almost all) take a fast path that splits ids at word starts; the others go through
+    :func:`pieces_to_symbols`.
     """
 
     def __init__(self, pieces: Sequence[str]):
@@ -249,8 +239,7 @@ def pair_statistics(domain_words: Counter, general_words: Counter) -> PairStats:
 
 
 def learn_merges(
-    domain_words: Counter | PairStats,
-    general_words: Counter | None,
+    stats: PairStats,
     base_vocab: set[str],
     max_merges: int,
     general_penalty: float = 4.0,
@@ -260,18 +249,13 @@ def learn_merges(
     split_digits: bool = True,
     progress: bool = True,
 ) -> BPEResult:
-    """Learn up to ``max_merges`` new pieces over the base segmentation.
+    """Learn up to ``max_merges`` new pieces over the base segmentation, given as :func:`pair_statistics`.
 
-    The words come as domain and general word counts, or as the :func:`pair_statistics` built from them
-    beforehand (``general_words`` None); those statistics are consumed. A merge's score is
-    ``(domain - general_penalty * general) * (1 + guide_bonus)`` when its result is in ``guide`` and
-    without the bonus otherwise; merges with a score <= 0 or a domain count below ``min_domain_count`` are
-    never taken. With ``split_digits`` no piece holds two adjacent digits (Llama 2 splits numbers).
+    ``stats`` is consumed. A merge's score is ``(domain - general_penalty * general) * (1 + guide_bonus)``
+    when its result is in ``guide`` and without the bonus otherwise; merges with a score <= 0 or a domain
+    count below ``min_domain_count`` are never taken. With ``split_digits`` no piece holds two adjacent digits
+    (Llama 2 splits numbers).
     """
-    if isinstance(domain_words, PairStats):
-        stats = domain_words
-    else:
-        stats = pair_statistics(domain_words, general_words or Counter())
     guide = guide or set()
     known = set(base_vocab)
 

@@ -630,7 +630,7 @@ def select_guided_bpe(
     guide = {c[i:j] for c in candidates.pieces for i in range(len(c)) for j in range(i + 2, len(c) + 1)}
     budget = config.max_added_tokens or len(candidates.pieces)
     result = guided_bpe.learn_merges(
-        pairs, None, vocab, max_merges=budget,
+        pairs, vocab, max_merges=budget,
         general_penalty=config.general_penalty, min_domain_count=config.min_domain_count,
         guide=guide, guide_bonus=config.guide_bonus, split_digits=base.trainer_spec.split_digits,
     )
@@ -990,7 +990,7 @@ def hf_tokenizer_files(model: sp_pb2.ModelProto) -> dict[str, dict]:
                                                 model.trainer_spec.eos_id))
     tokenizer = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": None, "pre_tokenizer": dict(_HF_PRE_TOKENIZER),
+        "normalizer": None, "pre_tokenizer": _HF_PRE_TOKENIZER,
         "post_processor": {
             "type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
