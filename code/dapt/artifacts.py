@@ -1,20 +1,30 @@
-"""Stage output folders: atomic writes, manifests, and stale-artifact checks.
+"""Stage output folders: atomic writes, manifests, locks, permissions and stale-artifact checks.
 
 Every stage writes one folder. The folder is built under a temporary name beside
 the final one and renamed into place only when the stage succeeds, so a failed or
 interrupted stage never leaves a half-written folder for the next one. Each folder
 holds ``manifest.json``: the stage name, its parameters and fingerprints of its
 inputs, so later stages can refuse artifacts built from other inputs.
+
+While a stage writes, it holds an exclusive lock on its output (a second command
+into the same output is refused, never interleaved); stale temporary folders of a
+killed run are removed by the next run; finished artifacts follow the user's umask
+like any other file (0755/0644 under the usual 022), so other users and a NIM
+container running as another user can read them; a full disk or a read-only
+output folder is reported as a clean :class:`StageError`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +33,8 @@ from typing import Any
 from dapt.errors import UserInputError
 
 MANIFEST = "manifest.json"
+# errors of the output file system (not of the stage's logic): reported as StageError, not a traceback
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class StageError(UserInputError):
@@ -51,13 +63,66 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+# --- permissions -------------------------------------------------------------------------------------------
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it for longer than one call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything below it) the modes a plain file would get.
+
+    Temporary files and folders are created private (0600/0700); once finished, an artifact gets
+    ``0666 & ~umask`` (executables and folders ``0777 & ~umask``), as if written with ``open()``.
+    Hard-linked files (shared with their source, e.g. unchanged model shards) and links are left alone.
+    """
+    mask = current_umask()
+    root = Path(path)
+    entries = [root] + (list(root.rglob("*")) if root.is_dir() and not root.is_symlink() else [])
+    for entry in entries:
+        info = entry.lstat()
+        if stat.S_ISLNK(info.st_mode) or (stat.S_ISREG(info.st_mode) and info.st_nlink > 1):
+            continue
+        executable = stat.S_ISDIR(info.st_mode) or info.st_mode & stat.S_IXUSR
+        wanted = (0o777 if executable else 0o666) & ~mask
+        if stat.S_IMODE(info.st_mode) != wanted:
+            os.chmod(entry, wanted)
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+
+def storage_error(error: OSError, target: str | os.PathLike) -> StageError:
+    """A clean message for a full disk, a quota, a read-only or a forbidden output location."""
+    where = error.filename or target
+    reason = {
+        errno.ENOSPC: "the file system is full",
+        errno.EDQUOT: "the disk quota is exceeded",
+        errno.EROFS: "the file system is read-only",
+    }.get(error.errno, "permission denied")
+    return StageError(
+        f"cannot write {where} ({reason}); nothing was changed in {target}. "
+        "Free space or choose an output folder you can write to, then run the stage again."
+    )
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
+    """Write JSON atomically (temporary file in the same folder, then rename), readable like a plain file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as tmp:
-        json.dump(jsonable(data), tmp, indent=2, ensure_ascii=False)
-        tmp.write("\n")
+        try:
+            json.dump(jsonable(data), tmp, indent=2, ensure_ascii=False)
+            tmp.write("\n")
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
+    make_readable(tmp.name)
     os.replace(tmp.name, path)
 
 
@@ -98,6 +163,83 @@ def _check_replaceable(final: Path, stage: str) -> None:
         )
 
 
+# --- locks and leftovers -----------------------------------------------------------------------------------
+
+
+def lock_path(final: str | os.PathLike) -> Path:
+    """The lock file guarding an output (a folder or a file prefix): ``.<name>.lock`` beside it."""
+    final = Path(final).absolute()
+    return final.with_name(f".{final.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(final: str | os.PathLike, stage: str, leftovers: list[str] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on the output ``final`` while a stage writes it.
+
+    A second command writing the same output at the same time is refused with a clear message
+    (exit 2) instead of interleaving its files with the first one's. The lock is released by the
+    operating system when the process ends, however it ends, so a killed run never blocks the next.
+    Once the lock is held, a killed run's leftovers are removed (:func:`remove_leftovers`, ``leftovers``
+    are its patterns).
+    """
+    final = Path(final).absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = lock_path(final)
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise StageError(
+                f"output {final} is being written right now by another `python -m dapt {stage}` ({holder}); "
+                "wait for it to finish, or choose another output."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        remove_leftovers(final, leftovers)
+        yield
+    finally:
+        handle.close()
+
+
+def remove_leftovers(final: str | os.PathLike, patterns: list[str] | None = None) -> list[Path]:
+    """Remove what a killed run of the stage writing ``final`` left beside it (call with the lock held).
+
+    By default those are the temporary ``.<name>.XXXXXXXX.partial`` folders of :func:`stage_output` and
+    the ``.<name>.old-<pid>`` folders of a replacement that did not finish; a stage that writes files
+    under other temporary names passes its own glob ``patterns`` (relative to ``final``'s folder).
+    Returns what was removed.
+    """
+    final = Path(final).absolute()
+    if patterns is None:
+        patterns = [f".{final.name}.{'?' * 8}.partial", f".{final.name}.old-[0-9]*"]
+    removed = []
+    for pattern in patterns:
+        for leftover in final.parent.glob(pattern):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+            removed.append(leftover)
+    return removed
+
+
+@contextlib.contextmanager
+def storage_errors_reported(target: str | os.PathLike) -> Iterator[None]:
+    """Turn a full disk, a read-only or a forbidden location while writing ``target`` into a StageError."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in STORAGE_ERRNOS:
+            raise storage_error(error, target) from None
+        raise
+
+
 @contextlib.contextmanager
 def stage_output(final: str | os.PathLike, stage: str, parameters: Any, inputs: dict[str, Any]) -> Iterator[Path]:
     """Build a stage's output folder atomically.
@@ -105,25 +247,27 @@ def stage_output(final: str | os.PathLike, stage: str, parameters: Any, inputs: 
     Yields a temporary folder to write into. On success the manifest is added and
     the folder replaces ``final`` (an earlier run of the same stage is replaced
     whole, so nothing is ever appended twice). On failure the temporary folder is
-    removed and ``final`` is left as it was.
+    removed and ``final`` is left as it was. The output is locked meanwhile
+    (:func:`output_lock`), and a full or read-only file system gives a :class:`StageError`.
     """
     final = Path(final).absolute()
     _check_replaceable(final, stage)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    try:
-        yield tmp
-        write_json(
-            tmp / MANIFEST,
-            {"stage": stage, "parameters": jsonable(parameters), "inputs": jsonable(inputs)},
-        )
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with storage_errors_reported(final), output_lock(final, stage):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+        try:
+            yield tmp
+            write_json(
+                tmp / MANIFEST,
+                {"stage": stage, "parameters": jsonable(parameters), "inputs": jsonable(inputs)},
+            )
+            make_readable(tmp)
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -126,11 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     module, cls_name, func_name, _ = STAGES[args.stage]
     mod = importlib.import_module(module)
     config = config_from_args(getattr(mod, cls_name), args)
+    from dapt.artifacts import STORAGE_ERRNOS, storage_error
     from dapt.errors import UserInputError
 
     try:
         getattr(mod, func_name)(config)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in STORAGE_ERRNOS:
+            raise
+        print(f"error: {storage_error(error, error.filename or 'the output')}", file=sys.stderr)
         return 2
     return 0
