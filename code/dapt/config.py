@@ -130,3 +130,56 @@ def get_profile(name: str) -> Profile:
         return PROFILES[name]
     except KeyError:
         raise ValueError(f"unknown profile {name!r}; choose one of: {', '.join(PROFILES)}") from None
+
+
+# --- stage defaults per profile ----------------------------------------------------------------------------
+
+# Stage settings that differ between the tiny CPU profile (the dataclass defaults) and every GPU profile,
+# by config class name.
+GPU_STAGE_SETTINGS: dict[str, dict[str, Any]] = {
+    "TokenizerConfig": {"domain_vocab_size": 16000, "max_added_tokens": None},
+}
+
+
+def _rerooted(value: Any, profile: str) -> Any:
+    """A default path under ``outputs/tiny`` moved under ``outputs/<profile>``; other values unchanged."""
+    if isinstance(value, Path):
+        tiny = DEFAULT_OUTPUTS / "tiny"
+        if value == tiny or tiny in value.parents:
+            return DEFAULT_OUTPUTS / profile / value.relative_to(tiny)
+    return value
+
+
+def stage_defaults(config_cls: type, profile_name: str = "tiny") -> dict[str, Any]:
+    """The defaults of a stage's config under a profile, every value concrete where the profile gives one.
+
+    The dataclass defaults are the tiny profile's. Under another profile, default paths move from
+    ``outputs/tiny/...`` to ``outputs/<profile>/...``, the GPU settings of :data:`GPU_STAGE_SETTINGS` apply,
+    and a field left ``None`` that a :class:`Profile` also has (``max_steps``, ``general_share``, ...) shows
+    the profile's value. A ``profile`` field is set to the profile's name.
+    """
+    profile = get_profile(profile_name)
+    profile_values = dataclasses.asdict(profile)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(config_cls):
+        if not field.init:
+            continue
+        if field.default is not dataclasses.MISSING:
+            value = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            value = field.default_factory()
+        else:
+            continue
+        if field.name == "profile":
+            value = profile.name
+        elif value is None and field.name in profile_values:
+            value = profile_values[field.name]
+        values[field.name] = _rerooted(value, profile.name)
+    if profile.name != "tiny":
+        values.update({k: v for k, v in GPU_STAGE_SETTINGS.get(config_cls.__name__, {}).items() if k in values})
+    return values
+
+
+def config_for(config_cls: type, profile: str = "tiny", **overrides: Any) -> Any:
+    """A stage config with the profile's defaults and the given overrides (what the notebooks use)."""
+    return config_cls(**{**stage_defaults(config_cls, profile), **overrides})

@@ -68,7 +68,7 @@ class TrainConfig:
     general_prefix: Path | None = param(DEFAULT_OUTPUTS / "tiny" / "megatron_data" / "general",
                                            "general (replay) data prefix; used when the general share is > 0")
     output: Path = param(DEFAULT_OUTPUTS / "tiny" / "dapt_model", "output HF checkpoint folder")
-    checkpoint_dir: Path | None = param(None, "checkpoints folder (default: <output>_checkpoints)")
+    checkpoint_dir: Path | None = param(None, "checkpoints folder; None: <output>_checkpoints")
     profile: str = param("tiny", "named profile giving every hyperparameter left unset")
     general_share: float | None = param(None, "share of samples drawn from the general data (0 = no replay)")
     seq_length: int | None = param(None, "tokens predicted per sample")
@@ -86,7 +86,7 @@ class TrainConfig:
     log_interval: int = param(10, "log the loss every this many steps")
     validation_windows: int = param(16, "windows of each validation split scored at the end (0 = skip)")
     seed: int = param(1234, "seed for the sample order, the blend and the model")
-    threads: int | None = param(None, "torch CPU threads (default: torch's choice)")
+    threads: int | None = param(None, "torch CPU threads; None: torch's choice")
     resume: bool = param(True, "resume from the latest checkpoint; --no-resume deletes old checkpoints first")
 
 

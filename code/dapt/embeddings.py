@@ -79,7 +79,7 @@ class EmbeddingsConfig:
     )
     output: Path = param(DEFAULT_OUTPUTS / "tiny" / "extended_model", "output HF checkpoint folder")
     base_tokenizer: Path | None = param(
-        None, "base SentencePiece model (default: BASE_MODEL/tokenizer.model)"
+        None, "base SentencePiece model; None: BASE_MODEL/tokenizer.model"
     )
     input_init: Literal["mean", "random"] = param("mean", "new input rows: mean of sub-token rows, or random")
     output_init: Literal["zero", "mean"] = param("zero", "new output rows: zero (ChipNeMo paper) or mean")

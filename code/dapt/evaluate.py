@@ -47,15 +47,15 @@ class EvaluateConfig:
          DEFAULT_OUTPUTS / "tiny" / "dapt_model"),
         "HF model folders to compare, each with its own tokenizer.model",
     )
-    labels: tuple[str, ...] = param((), "one display name per model (default: the folder names)")
+    labels: tuple[str, ...] = param((), "one display name per model; empty: the folder names")
     domain_heldout: Path = param(DEFAULT_HELDOUT / "domain", "held-out domain JSONL file or folder")
     general_heldout: Path = param(DEFAULT_HELDOUT / "general", "held-out general JSONL file or folder")
     output: Path = param(DEFAULT_OUTPUTS / "tiny" / "evaluation", "output folder (table, JSON, plot)")
     text_keys: tuple[str, ...] = param(("text",), "JSON keys that may hold a record's text")
     max_documents: int | None = param(None, "score only the first N documents of each held-out set")
-    max_length: int | None = param(None, "window length (default: the model's max_position_embeddings)")
+    max_length: int | None = param(None, "window length; None: the model's max_position_embeddings")
     batch_size: int = param(8, "windows per forward pass")
-    threads: int | None = param(None, "torch CPU threads (default: torch's choice)")
+    threads: int | None = param(None, "torch CPU threads; None: torch's choice")
 
 
 @dataclass(frozen=True)

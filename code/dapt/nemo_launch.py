@@ -91,16 +91,16 @@ class LaunchConfig:
 
     profile: str = param("llama2-7b", "hardware/model profile (see dapt.config.PROFILES)")
     hf_model: Path | None = param(
-        None, "extended HF checkpoint folder (default: outputs/<profile>/extended_model)"
+        None, "extended HF checkpoint folder; None: outputs/<profile>/extended_model"
     )
-    tokenizer: Path | None = param(None, "adapted tokenizer folder (default: outputs/<profile>/tokenizer)")
+    tokenizer: Path | None = param(None, "adapted tokenizer folder; None: outputs/<profile>/tokenizer")
     domain_data: Path | None = param(
-        None, "domain data prefix (default: outputs/<profile>/megatron_data/domain)"
+        None, "domain data prefix; None: outputs/<profile>/megatron_data/domain"
     )
     general_data: Path | None = param(
-        None, "general data prefix (default: outputs/<profile>/megatron_data/general)"
+        None, "general data prefix; None: outputs/<profile>/megatron_data/general"
     )
-    general_share: float | None = param(None, "replay share of general data (default: the profile's, 0.09)")
+    general_share: float | None = param(None, "replay share of general data; None: the profile's")
     output: Path | None = param(
         None, "folder for the commands, sbatch script and plan (outputs/<profile>/launch)"
     )
@@ -108,11 +108,11 @@ class LaunchConfig:
         None, "NeMo run folder: .nemo files, checkpoints, logs (outputs/<profile>/nemo_run)"
     )
     run_name: str = param("dapt", "exp_manager name; the trained model is RUN_DIR/checkpoints/<name>.nemo")
-    max_steps: int | None = param(None, "training steps (default: the profile's)")
-    warmup_steps: int | None = param(None, "linear warmup steps, below max_steps (default: the profile's)")
+    max_steps: int | None = param(None, "training steps; None: the profile's")
+    warmup_steps: int | None = param(None, "linear warmup steps, below max_steps; None: the profile's")
     val_check_interval: int | None = param(None, "validate every N steps, at most max_steps (profile's)")
-    global_batch_size: int | None = param(None, "sequences per optimizer step (default: the profile's)")
-    micro_batch_size: int | None = param(None, "sequences per GPU per micro step (default: the profile's)")
+    global_batch_size: int | None = param(None, "sequences per optimizer step; None: the profile's")
+    micro_batch_size: int | None = param(None, "sequences per GPU per micro step; None: the profile's")
     seed: int = param(1234, "model.seed")
     nemo_dir: str = param("/opt/NeMo", "NeMo checkout inside the container")
     container_image: str = param(

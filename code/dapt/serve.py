@@ -51,7 +51,7 @@ class ServeConfig:
     host: str = param("127.0.0.1", "address to listen on (loopback by default)")
     port: int = param(8000, "port to listen on (0: any free port)")
     start_timeout_s: float = param(240.0, "seconds to wait for the server to load the model and answer")
-    log: Path | None = param(None, "file for the server's output (default: a temporary file)")
+    log: Path | None = param(None, "file for the server's output; None: a temporary file")
 
 
 def find_serving_python(python: Path | None = None) -> Path | None:

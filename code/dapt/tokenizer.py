@@ -706,7 +706,7 @@ class TokenizerConfig:
     domain_vocab_size: int = param(16000, "vocabulary size of the domain SentencePiece tokenizer")
     occur_limit: int = param(3, "candidates may occur in at most this many general documents")
     freq_threshold: float = param(0.98, "keep the most used new tokens up to this share of all their uses")
-    max_added_tokens: int | None = param(None, "cap on added tokens before padding (default: no cap)")
+    max_added_tokens: int | None = param(None, "cap on added tokens before padding; None: no cap")
     general_penalty: float = param(4.0, "guided-bpe: a merge's general-text count is weighted by this")
     guide_bonus: float = param(1.0, "guided-bpe: score bonus for pieces the domain tokenizer proposes")
     min_domain_count: int = param(3, "guided-bpe: a merge must occur at least this often in the domain data")
