@@ -14,6 +14,7 @@ happens to listen on the same port.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -141,10 +142,16 @@ def listens_on(pid: int, port: int) -> bool | None:
     if listening is None:
         return None
     try:
-        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
     except OSError:
         return None
-    return any(link.startswith("socket:[") and link[len("socket:["):-1] in listening for link in links)
+    sockets = set()
+    for descriptor in descriptors:
+        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own descriptor, for one)
+            link = os.readlink(descriptor)
+            if link.startswith("socket:["):
+                sockets.add(link[len("socket:["):-1])
+    return bool(sockets & listening)
 
 
 def _log_tail(log: Path, chars: int = 3000) -> str:
