@@ -170,6 +170,12 @@ def test_export_writes_a_consistent_folder(exported, tokenizer_dir):
     assert verify["passed"] and verify["checks"]["token_ids"]["documents"] > 0
     assert verify["checks"]["logits"]["max_abs_difference"] <= 1e-4
     assert verify["checks"]["generation"]["new_tokens"] > 0
+    # no GPU here: verified on the CPU in float32 with --logits-tolerance, and the tolerances stated
+    assert verify["placement"] == "CPU, float32"
+    logits = verify["checks"]["logits"]
+    assert logits["computed_in"] == "float32" and logits["tolerance"] == 1e-4 and logits["same_argmax"]
+    assert set(verify["logit_tolerances"]) == {"float32", "bfloat16", "float16"}
+    assert verify["checks"]["source_tokenizer"]["compared_with"] == [str(source / "tokenizer.model")]
 
 
 def test_chat_template_renders_llama2_turns(exported):
@@ -531,3 +537,44 @@ def test_export_of_a_model_with_tied_embeddings(tmp_path, tokenizer_dir, sample_
     assert report["checks"]["vocab_size"]["sizes"] == {
         "config.vocab_size": VOCAB, "sentencepiece": VOCAB, "hf_tokenizer": VOCAB,
         "model.embed_tokens.weight": VOCAB}
+
+
+def test_a_bf16_source_is_verified_in_float32_on_the_cpu_and_exported_in_bf16(tmp_path, tokenizer_dir, sample_data):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    source = _make_model(tmp_path / "model", rows=VOCAB, tokenizer=tokenizer_dir)
+    AutoModelForCausalLM.from_pretrained(source).to(torch.bfloat16).save_pretrained(source)
+    report = export(ExportConfig(source=source, tokenizer=tokenizer_dir, output=tmp_path / "export",
+                                 heldout=sample_data[1], heldout_docs=4, heldout_chars=500))
+    logits = report["checks"]["logits"]
+    # both sides computed in float32 from the same bf16 weights (cast up exactly): no difference at all
+    assert report["passed"] and logits["computed_in"] == "float32" and logits["max_abs_difference"] == 0.0
+    weights = load_file(tmp_path / "export" / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}  # the weights keep their dtype
+
+
+def test_the_logit_tolerance_follows_the_precision():
+    import torch
+
+    from dapt.export import logit_tolerance
+
+    reference = torch.tensor([[3.0, -20.0, 0.5]])
+    assert logit_tolerance(torch.float32, reference, 1e-4) == (1e-4, "float32: --logits-tolerance")
+    bf16, rule = logit_tolerance(torch.bfloat16, reference, 1e-4)
+    assert bf16 == 4 * 2**-7 * 20.0 and rule.startswith("bfloat16: 4 x eps (0.0078125)")
+    assert logit_tolerance(torch.float16, reference, 1e-4)[0] == 4 * 2**-10 * 20.0
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--max-tensor-parallel", "0"), ("--max-tensor-parallel", "-2"), ("--heldout-docs", "0"),
+    ("--heldout-chars", "0"), ("--probe-tokens", "0"), ("--generate-tokens", "0"),
+    ("--logits-tolerance", "-1"), ("--logits-tolerance", "nan"),
+])
+def test_export_refuses_numbers_that_cannot_work(option, value, tmp_path, tokenizer_dir, capsys):
+    status = main(["export", "--source", str(tmp_path), "--tokenizer", str(tokenizer_dir),
+                   "--output", str(tmp_path / "export"), option, value])
+    error = capsys.readouterr().err
+    assert status == 2 and f"{option} {value}" in error, error
+    assert not (tmp_path / "export").exists()

@@ -483,22 +483,24 @@ def _probe_ids(tokenizer: TokenizerInfo, texts: list[str], length: int) -> list[
 def computing_in(model: Any, placement: Placement) -> Iterator[Any]:
     """Run ``model``'s forward passes in the placement's precision; yields the dtype they run in.
 
-    On the CPU: float32; weights stored in bf16/fp16 are cast up in place (exactly) and back afterwards. On
-    GPUs: the weights' own dtype when it is as narrow as the placement's (bf16 weights in bf16), else autocast
-    to the placement's dtype (float32 weights computed in bf16), so source and export run the same way.
+    On the CPU: float32; weights stored in bf16/fp16 are cast up in place (exactly) and back afterwards (only
+    the parameters: buffers such as the rotary frequencies stay as loaded). On GPUs: the weights' own dtype
+    when it is as narrow as the placement's (bf16 weights in bf16), else autocast to the placement's dtype
+    (float32 weights computed in bf16), so source and export run the same way.
     """
     import torch
 
     stored = model.dtype
     if placement.device_map is None:
-        if stored == torch.float32:
-            yield torch.float32
-            return
-        model.to(torch.float32)
+        parameters = [p for p in model.parameters() if p.dtype != torch.float32]
+        originals = [p.dtype for p in parameters]
+        for parameter in parameters:
+            parameter.data = parameter.data.float()
         try:
             yield torch.float32
         finally:
-            model.to(stored)
+            for parameter, dtype in zip(parameters, originals):
+                parameter.data = parameter.data.to(dtype)
     elif placement.dtype.itemsize < stored.itemsize:
         with torch.autocast("cuda", dtype=placement.dtype):
             yield placement.dtype
