@@ -570,7 +570,7 @@ def test_the_logit_tolerance_follows_the_precision():
 @pytest.mark.parametrize(("option", "value"), [
     ("--max-tensor-parallel", "0"), ("--max-tensor-parallel", "-2"), ("--heldout-docs", "0"),
     ("--heldout-chars", "0"), ("--probe-tokens", "0"), ("--generate-tokens", "0"),
-    ("--logits-tolerance", "-1"), ("--logits-tolerance", "nan"),
+    ("--logits-tolerance", "-1"), ("--logits-tolerance", "nan"), ("--profile", "llama2-8b"),
 ])
 def test_export_refuses_numbers_that_cannot_work(option, value, tmp_path, tokenizer_dir, capsys):
     status = main(["export", "--source", str(tmp_path), "--tokenizer", str(tokenizer_dir),

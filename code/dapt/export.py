@@ -167,7 +167,10 @@ def check_config(config: ExportConfig) -> None:
 
 
 def _resolve(config: ExportConfig) -> tuple[Path, Path, Path, int]:
-    profile = get_profile(config.profile)
+    try:
+        profile = get_profile(config.profile)
+    except ValueError as error:
+        raise ExportError(f"--profile {config.profile}: {error}") from None
     root = DEFAULT_OUTPUTS / profile.name
     source = Path(config.source) if config.source else root / "dapt_model"
     tokenizer = Path(config.tokenizer) if config.tokenizer else root / "tokenizer"
