@@ -516,6 +516,25 @@ def test_smoke_test_fails_clearly_for_a_model_the_server_does_not_serve(served_e
     assert status == 2 and "answered HTTP 4" in error and "llama-2-7b-chipdesign" in error
 
 
+def test_a_killed_serve_command_stops_its_server(exported, tmp_path):
+    import signal
+    import subprocess
+
+    from dapt.serve import check_address
+
+    python = _serving_python_or_skip()
+    command = [sys.executable, "-m", "dapt", "serve", "--model", str(exported[0]), "--python", str(python)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as serve:
+        first = serve.stdout.readline()
+        assert first.startswith("serving "), first + serve.stdout.read()
+        port = int(first.split("http://127.0.0.1:")[1].split("/")[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+            assert response.status == 200
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 128 + signal.SIGTERM
+    check_address("127.0.0.1", port)  # nobody listens there any more: the server went with the command
+
+
 def test_local_server_refuses_a_folder_without_a_model(tmp_path):
     with pytest.raises(UserInputError, match="config.json"), local_server(tmp_path):
         pass

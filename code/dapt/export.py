@@ -133,6 +133,9 @@ class ExportConfig:
         f"bf16/fp16: {REDUCED_PRECISION_ULPS} units in the last place of the largest logit)")
     probe_tokens: int = param(64, "tokens of held-out text used for the logit comparison")
     generate_tokens: int = param(16, "tokens generated greedily to check that generation runs")
+    repetition_penalty: float = param(
+        1.5, "repetition penalty of that greedy generation (1: none; 1.5 keeps the tiny model from repeating a "
+        "newline, as the smoke test's frequency_penalty 0.5 does on transformers serve)")
     prompt: str = param(DEFAULT_PROMPT, "prompt for the generation check (the start of a SystemVerilog module)")
 
 
@@ -162,6 +165,10 @@ def check_config(config: ExportConfig) -> None:
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) \
             or tolerance < 0:
         raise ExportError(f"--logits-tolerance {tolerance!r}: give a finite number of at least 0.")
+    penalty = config.repetition_penalty
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty) \
+            or penalty <= 0:
+        raise ExportError(f"--repetition-penalty {penalty!r}: give a number above 0 (1: no penalty).")
     if not config.prompt:
         raise ExportError("--prompt is empty; the generation check needs text to continue.")
 
@@ -589,7 +596,8 @@ def export(config: ExportConfig) -> dict:
         _copy_tokenizer(tokenizer, folder)
         report = verify_export(folder, texts=texts, reference_logits=reference, probe_ids=probe,
                                tolerance=config.logits_tolerance, generate_tokens=config.generate_tokens,
-                               prompt=config.prompt, placement=placement)
+                               prompt=config.prompt, placement=placement,
+                               repetition_penalty=config.repetition_penalty)
         report["checks"]["source_tokenizer"] = tokenizer_check
         report["source"] = {"kind": kind, "embedding_rows": rows, "padding_rows_stripped": padding}
         write_json(folder / "verify.json", report)
@@ -674,17 +682,19 @@ def _check_logits(model: Any, reference: Any, probe_ids: list[int], tolerance: f
             "argmax_positions_compared": int(decided.sum())}
 
 
-def _check_generation(model: Any, hf_tokenizer: Any, prompt: str, new_tokens: int, placement: Placement) -> dict:
+def _check_generation(model: Any, hf_tokenizer: Any, prompt: str, new_tokens: int, placement: Placement,
+                      repetition_penalty: float = 1.0) -> dict:
     import torch
 
     encoded = hf_tokenizer(prompt, return_tensors="pt").to(input_device(model))
     with torch.no_grad(), computing_in(model, placement):
         output = model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False,
-                                pad_token_id=hf_tokenizer.eos_token_id)
+                                repetition_penalty=repetition_penalty, pad_token_id=hf_tokenizer.eos_token_id)
     generated = output[0, encoded["input_ids"].shape[1]:].tolist()
     in_range = all(0 <= token < len(hf_tokenizer) for token in generated)
     return {"passed": bool(generated) and in_range, "new_tokens": len(generated), "ids": generated,
-            "prompt": prompt, "text": hf_tokenizer.decode(generated, skip_special_tokens=False)}
+            "prompt": prompt, "repetition_penalty": repetition_penalty,
+            "text": hf_tokenizer.decode(generated, skip_special_tokens=False)}
 
 
 def _check_chat_template(hf_tokenizer: Any, processor: Any) -> dict:
@@ -703,7 +713,8 @@ def _check_chat_template(hf_tokenizer: Any, processor: Any) -> dict:
 def verify_export(folder: Path, texts: list[str] | None = None, heldout: Path | None = None,
                   max_docs: int = 64, max_chars: int = 4000, reference_logits: Any = None,
                   probe_ids: list[int] | None = None, tolerance: float = 1e-4, generate_tokens: int = 16,
-                  prompt: str = DEFAULT_PROMPT, placement: Placement | None = None) -> dict:
+                  prompt: str = DEFAULT_PROMPT, placement: Placement | None = None,
+                  repetition_penalty: float = 1.0) -> dict:
     """Check an exported folder; returns ``{"passed": bool, "placement": str, "checks": {...}}``.
 
     Checks: the files (safetensors, tokenizer files, no pickles); one vocabulary size across config.json,
@@ -741,7 +752,8 @@ def verify_export(folder: Path, texts: list[str] | None = None, heldout: Path | 
     checks["loads"] = {"passed": True, "class": type(model).__name__, "dtype": str(model.dtype),
                        "parameters": sum(p.numel() for p in model.parameters())}
     model.eval()
-    checks["generation"] = _check_generation(model, hf_tokenizer, prompt, generate_tokens, placement)
+    checks["generation"] = _check_generation(model, hf_tokenizer, prompt, generate_tokens, placement,
+                                             repetition_penalty)
     if reference_logits is not None and probe_ids is not None:
         checks["logits"] = _check_logits(model, reference_logits, probe_ids, tolerance, placement)
     else:

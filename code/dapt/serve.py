@@ -19,10 +19,12 @@ import errno
 import math
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -235,17 +237,30 @@ def local_server(model: Path, python: Path | None = None, host: str = "127.0.0.1
             _stop(process)
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through local_server, which stops the server process
+
+
 def serve(config: ServeConfig) -> None:
-    """Serve ``config.model`` in the foreground until interrupted (Ctrl-C), printing the smoke-test command."""
-    with local_server(config.model, config.python, config.host, config.port, config.start_timeout_s,
-                      log=config.log) as base_url:
-        check = [Path(sys.executable).name, "-m", "dapt", "smoke-test", "--base-url", base_url,
-                 "--model", str(config.model), "--tokenizer", str(config.model)]
-        print(f"serving {config.model} at {base_url} (OpenAI-compatible; Ctrl-C stops it; "
-              f"server log: {config.log or 'a temporary file'})\n"
-              f"check it with: {shlex.join(check)}", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            print("stopping the server")
+    """Serve ``config.model`` in the foreground until interrupted (Ctrl-C or SIGTERM), printing the smoke-test command.
+
+    Either way the server process is stopped too (a ``kill`` of this command leaves no server behind).
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if in_main_thread else None
+    try:
+        with local_server(config.model, config.python, config.host, config.port, config.start_timeout_s,
+                          log=config.log) as base_url:
+            check = [Path(sys.executable).name, "-m", "dapt", "smoke-test", "--base-url", base_url,
+                     "--model", str(config.model), "--tokenizer", str(config.model)]
+            print(f"serving {config.model} at {base_url} (OpenAI-compatible; Ctrl-C stops it; "
+                  f"server log: {config.log or 'a temporary file'})\n"
+                  f"check it with: {shlex.join(check)}", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                print("stopping the server", flush=True)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
