@@ -491,18 +491,22 @@ def _post_json(url: str, payload: dict) -> dict:
         return json.loads(response.read())
 
 
-def test_the_served_model_is_the_export(served_export):
-    """A greedy completion from the server equals the export's greedy continuation computed here."""
+@pytest.mark.parametrize("frequency_penalty", [0.0, 0.5])
+def test_the_served_model_is_the_export(served_export, frequency_penalty):
+    """A greedy completion from the server equals the export's greedy continuation computed here (with the
+    smoke test's frequency_penalty 0.5, which transformers serve applies as repetition_penalty 1.5)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_url, folder = served_export
     prompt = "module counter (input logic clk, output logic [7:0] count);"
     answer = _post_json(f"{base_url}/completions",
-                        {"model": str(folder), "prompt": prompt, "max_tokens": 12, "temperature": 0.0})
+                        {"model": str(folder), "prompt": prompt, "max_tokens": 12, "temperature": 0.0,
+                         "frequency_penalty": frequency_penalty})
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     ids = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False, repetition_penalty=1 + frequency_penalty,
+                         pad_token_id=tokenizer.eos_token_id)
     local = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert answer["choices"][0]["text"] == local
     assert answer["usage"]["prompt_tokens"] == ids["input_ids"].shape[1]
