@@ -205,6 +205,42 @@ def test_event_stream_parsing_keeps_the_events_in_order():
     assert events == [{"a": 1}, {"b": 2}]
 
 
+def redirect_to(location: str) -> Callable[[BaseHTTPRequestHandler], None]:
+    """Redirect GETs to ``location``; answer POSTs with a good completion (urllib never redirects a POST)."""
+
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        if handler.command == "POST":
+            send(handler, json.dumps(GOOD_COMPLETION).encode())
+            return
+        handler.send_response(307)
+        handler.send_header("Location", location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    return answer
+
+
+def test_redirects_go_to_http_only_and_never_carry_the_api_key(capsys):
+    seen: list[str | None] = []
+
+    def record(handler):
+        seen.append(handler.headers.get("Authorization"))
+        send(handler, json.dumps({"data": [{"id": "m"}]} if handler.command == "GET" else GOOD_COMPLETION).encode())
+
+    with stub_server(record) as target, stub_server(redirect_to(target + "/models")) as url:
+        status = main(["smoke-test", "--base-url", url, "--api-key", "s3cret", "--requests", "completion",
+                       "--timeout-s", "5"])
+    assert status == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert seen and all(header is None for header in seen)  # the redirected request went out without the bearer token
+    with stub_server(redirect_to("ftp://127.0.0.1/etc/passwd")) as url:
+        status = main(["smoke-test", "--base-url", url, "--model", "m", "--requests", "completion", "--timeout-s", "5"])
+    printed = capsys.readouterr()
+    # the ftp:// redirect is not followed: the listing is reported unusable, the given --model is used
+    assert status == 0, printed.err
+    assert json.loads(printed.out)["models_listing"].endswith("/models answered HTTP 307")
+
+
 def test_the_api_key_is_never_written_to_disk(tmp_path, capsys):
     def post(handler):
         assert handler.headers["Authorization"] == "Bearer s3cret"

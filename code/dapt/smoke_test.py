@@ -103,6 +103,18 @@ def check_config(config: SmokeTestConfig) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+class _HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) addresses only (urllib would also follow ftp://)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+            return None  # urllib then reports the redirect status itself
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HTTPOnlyRedirects)
+
+
 def _read_body(response: Any, stop: threading.Event, url: str) -> bytes:
     """The body, read as it arrives, until it ends, ``stop`` is set or it outgrows MAX_ANSWER_BYTES."""
     read = getattr(response, "read1", response.read)
@@ -129,7 +141,7 @@ def _exchange(request: urllib.request.Request, timeout_s: float, stop: threading
     url = request.full_url
     try:
         try:
-            response = urllib.request.urlopen(request, timeout=timeout_s)
+            response = _OPENER.open(request, timeout=timeout_s)
         except urllib.error.HTTPError as error:
             response = error  # an HTTP error status still carries a body worth quoting
         except urllib.error.URLError as error:
@@ -166,9 +178,9 @@ def http_request(method: str, url: str, payload: dict | None, timeout_s: float,
     headers = {"Accept": "application/json, text/event-stream"}
     if data is not None:
         headers["Content-Type"] = "application/json"
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    if api_key:  # never sent on to where a redirect points
+        request.add_unredirected_header("Authorization", f"Bearer {api_key}")
     outcome: dict[str, Any] = {}
     stop = threading.Event()
     worker = threading.Thread(target=_exchange, args=(request, timeout_s, stop, outcome), daemon=True,
