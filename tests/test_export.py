@@ -26,16 +26,13 @@ from dapt.export import (
     LLAMA2_CHAT_TEMPLATE,
     ExportConfig,
     ExportError,
-    SmokeTestError,
-    answer_text,
     export,
-    merge_stream,
     nemo_to_hf_command,
     padded_vocab_sizes,
-    parse_event_stream,
     verify_export,
 )
 from dapt.serve import check_serving_python, find_serving_python, free_port, local_server
+from dapt.smoke_test import SmokeTestError, answer_text, merge_stream, parse_event_stream
 from dapt.tokenizer import write_hf_tokenizer
 
 DOMAIN_PIECES = ["▁module", "▁endmodule", "▁always_ff", "▁logic", "▁posedge", "▁assign", "▁wire", "▁reg"]
@@ -73,7 +70,7 @@ def _train_base_proto(general: Path):
     return proto
 
 
-def _extend(proto) -> list[dict]:
+def _extend(proto, domain_pieces: list[str] = DOMAIN_PIECES) -> list[dict]:
     """Append domain pieces (NORMAL, scores below the base ones) and reserved pieces up to VOCAB."""
     from dapt.compat import sentencepiece_model_pb2 as model_pb2
 
@@ -82,7 +79,7 @@ def _extend(proto) -> list[dict]:
     base = {piece.piece for piece in proto.pieces}
     base_size = len(proto.pieces)
     added = []
-    for rank, text in enumerate(t for t in DOMAIN_PIECES if t not in base):
+    for rank, text in enumerate(t for t in domain_pieces if t not in base):
         proto.pieces.add(piece=text, score=lowest - 1 - rank, type=piece_type.NORMAL)
         added.append({"token": text, "id": len(proto.pieces) - 1, "kind": "domain", "domain_count": 1})
     while len(proto.pieces) < VOCAB:
@@ -93,14 +90,10 @@ def _extend(proto) -> list[dict]:
     return added + reserved
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, sample_data) -> Path:
-    """An adapted tokenizer folder in the tokenizer stage's layout (with its manifest)."""
-    general, _ = sample_data
+def _tokenizer_folder(final: Path, general: Path, domain_pieces: list[str] = DOMAIN_PIECES) -> Path:
     proto = _train_base_proto(general)
     base_size = len(proto.pieces)
-    tokens = _extend(proto)
-    final = tmp_path_factory.mktemp("tok") / "tokenizer"
+    tokens = _extend(proto, domain_pieces)
     with stage_output(final, "tokenizer", {"test": True}, {}) as folder:
         (folder / "tokenizer.model").write_bytes(proto.SerializeToString())
         write_hf_tokenizer(folder)  # the HF files exactly as the tokenizer stage writes them
@@ -109,7 +102,24 @@ def tokenizer_dir(tmp_path_factory, sample_data) -> Path:
     return final
 
 
-def _make_model(folder: Path, rows: int, seed: int = 0) -> Path:
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, sample_data) -> Path:
+    """An adapted tokenizer folder in the tokenizer stage's layout (with its manifest)."""
+    return _tokenizer_folder(tmp_path_factory.mktemp("tok") / "tokenizer", sample_data[0])
+
+
+@pytest.fixture(scope="module")
+def foreign_tokenizer_dir(tmp_path_factory, sample_data, tokenizer_dir) -> Path:
+    """Another adapted tokenizer of the same size (VOCAB pieces) with other domain pieces."""
+    other = ["▁input", "▁output", "▁begin", "▁end", "▁case", "▁default", "▁parameter", "▁localparam"]
+    folder = _tokenizer_folder(tmp_path_factory.mktemp("foreign") / "tokenizer", sample_data[0], other)
+    assert (folder / "tokenizer.model").read_bytes() != (tokenizer_dir / "tokenizer.model").read_bytes()
+    return folder
+
+
+def _make_model(folder: Path, rows: int, seed: int = 0, tokenizer: Path | None = None) -> Path:
+    """A random Llama with ``rows`` embedding rows; with ``tokenizer``, its tokenizer.model beside the weights
+    (as the train stage writes it)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -118,6 +128,8 @@ def _make_model(folder: Path, rows: int, seed: int = 0) -> Path:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(config).save_pretrained(folder)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer / "tokenizer.model", folder / "tokenizer.model")
     return folder
 
 
@@ -125,7 +137,7 @@ def _make_model(folder: Path, rows: int, seed: int = 0) -> Path:
 def exported(tmp_path_factory, tokenizer_dir, sample_data) -> tuple[Path, dict, Path]:
     """Export a model whose vocabulary Megatron-style padding grew to 1024 rows (TP=8) for the 512 pieces."""
     root = tmp_path_factory.mktemp("export")
-    source = _make_model(root / "dapt_model", rows=1024)
+    source = _make_model(root / "dapt_model", rows=1024, tokenizer=tokenizer_dir)
     config = ExportConfig(source=source, tokenizer=tokenizer_dir, output=root / "export",
                           heldout=sample_data[1], heldout_docs=16, heldout_chars=2000)
     report = export(config)
@@ -158,6 +170,12 @@ def test_export_writes_a_consistent_folder(exported, tokenizer_dir):
     assert verify["passed"] and verify["checks"]["token_ids"]["documents"] > 0
     assert verify["checks"]["logits"]["max_abs_difference"] <= 1e-4
     assert verify["checks"]["generation"]["new_tokens"] > 0
+    # no GPU here: verified on the CPU in float32 with --logits-tolerance, and the tolerances stated
+    assert verify["placement"] == "CPU, float32"
+    logits = verify["checks"]["logits"]
+    assert logits["computed_in"] == "float32" and logits["tolerance"] == 1e-4 and logits["same_argmax"]
+    assert set(verify["logit_tolerances"]) == {"float32", "bfloat16", "float16"}
+    assert verify["checks"]["source_tokenizer"]["compared_with"] == [str(source / "tokenizer.model")]
 
 
 def test_chat_template_renders_llama2_turns(exported):
@@ -227,7 +245,7 @@ def test_verify_catches_config_vocab_that_disagrees_with_weights(exported, tmp_p
 @pytest.mark.parametrize("rows", [384, 640])
 def test_export_refuses_a_tokenizer_that_does_not_match_the_weights(rows, tmp_path, tokenizer_dir,
                                                                    sample_data, capsys):
-    source = _make_model(tmp_path / "model", rows=rows)
+    source = _make_model(tmp_path / "model", rows=rows, tokenizer=tokenizer_dir)
     status = main(["export", "--source", str(source), "--tokenizer", str(tokenizer_dir),
                    "--output", str(tmp_path / "export"), "--heldout", str(sample_data[1])])
     error = capsys.readouterr().err
@@ -241,7 +259,7 @@ def test_export_refuses_a_source_trained_with_another_tokenizer(tmp_path, tokeni
     shutil.copyfile(DEFAULT_GENERAL_DATA / "README.md", source / "tokenizer.model")
     config = ExportConfig(source=source, tokenizer=tokenizer_dir, output=tmp_path / "export",
                           heldout=sample_data[1])
-    with pytest.raises(ExportError, match="trained with another tokenizer"):
+    with pytest.raises(ExportError, match=r"is not the tokenizer the model in .* was trained with"):
         export(config)
 
 
@@ -258,18 +276,97 @@ def test_export_refuses_a_missing_tokenizer(tmp_path, capsys):
     assert status == 2 and "lacks tokenizer.model" in error
 
 
-def test_nemo_source_says_plainly_that_nemo_is_needed(tmp_path, tokenizer_dir, sample_data, exported):
+def _nemo_checkpoint(path: Path, tokenizer_model: Path, packed: bool = True) -> Path:
+    """A checkpoint laid out as NeMo 24.07 saves one: model_config.yaml naming the tokenizer artifact
+    "nemo:<32 hex>_tokenizer.model", the artifact itself, and the weights (here a stand-in file).
+    ``packed``: a .nemo tar (members "./...", as NeMo writes it); else its extracted folder."""
+    import tarfile
+
+    import yaml
+
+    artifact = "0123456789abcdef0123456789abcdef_tokenizer.model"
+    config = {"precision": "bf16", "tokenizer": {"library": "sentencepiece", "type": None,
+                                                 "model": f"nemo:{artifact}", "sentencepiece_legacy": False}}
+    folder = path.with_suffix(".extracted") if packed else path
+    folder.mkdir(parents=True)
+    (folder / "model_config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    shutil.copyfile(tokenizer_model, folder / artifact)
+    (folder / "model_weights.ckpt").write_bytes(b"weights stand-in")
+    if not packed:
+        return folder
+    with tarfile.open(path, "w:") as archive:
+        archive.add(folder, arcname=".")
+    shutil.rmtree(folder)
+    return path
+
+
+def _without_nemo():
     import importlib.util
 
     if importlib.util.find_spec("nemo") is not None:
         pytest.skip("NeMo is installed here; this test covers machines without it")
-    checkpoint = tmp_path / "dapt.nemo"
-    checkpoint.write_bytes(b"not a real checkpoint")
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["nemo-file", "extracted-folder"])
+def test_nemo_source_says_plainly_that_nemo_is_needed(packed, tmp_path, tokenizer_dir, sample_data, exported):
+    _without_nemo()
+    checkpoint = _nemo_checkpoint(tmp_path / "dapt.nemo", tokenizer_dir / "tokenizer.model", packed)
     config = ExportConfig(source=checkpoint, tokenizer=tokenizer_dir, output=tmp_path / "export",
                           base_hf_model=exported[2], heldout=sample_data[1], nemo_root=tmp_path / "NeMo")
     with pytest.raises(ExportError, match="needs NeMo, which this machine does not have") as caught:
-        export(config)
+        export(config)  # the packed tokenizer is the one passed: the export goes as far as the conversion
     assert "convert_llama_nemo_to_hf.py --input_name_or_path" in str(caught.value)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["nemo-file", "extracted-folder"])
+def test_a_foreign_tokenizer_of_the_same_size_is_refused_for_a_nemo_source(
+        packed, tmp_path, tokenizer_dir, foreign_tokenizer_dir, sample_data, exported, capsys):
+    checkpoint = _nemo_checkpoint(tmp_path / "dapt.nemo", tokenizer_dir / "tokenizer.model", packed)
+    status = main(["export", "--source", str(checkpoint), "--tokenizer", str(foreign_tokenizer_dir),
+                   "--output", str(tmp_path / "export"), "--base-hf-model", str(exported[2]),
+                   "--heldout", str(sample_data[1]), "--nemo-root", str(tmp_path / "NeMo")])
+    error = capsys.readouterr().err
+    assert status == 2, error
+    assert f"--tokenizer {foreign_tokenizer_dir}" in error and "was trained with" in error
+    assert "0123456789abcdef0123456789abcdef_tokenizer.model" in error  # names the packed tokenizer
+    assert not (tmp_path / "export").exists()
+
+
+def _trained_folder_without_tokenizer_model(folder: Path, tokenizer: Path) -> Path:
+    """What `python -m dapt train` writes, less its tokenizer.model: the manifest records the tokenizer's SHA-256."""
+    from dapt.artifacts import file_sha256
+
+    with stage_output(folder, "train", {"test": True},
+                      {"model": {"tokenizer_sha256": file_sha256(tokenizer / "tokenizer.model")}}) as tmp:
+        _make_model(tmp, rows=VOCAB)
+    return folder
+
+
+def test_a_foreign_tokenizer_of_the_same_size_is_refused_by_the_training_manifest(
+        tmp_path, tokenizer_dir, foreign_tokenizer_dir, sample_data, capsys):
+    source = _trained_folder_without_tokenizer_model(tmp_path / "dapt_model", tokenizer_dir)
+    status = main(["export", "--source", str(source), "--tokenizer", str(foreign_tokenizer_dir),
+                   "--output", str(tmp_path / "export"), "--heldout", str(sample_data[1])])
+    error = capsys.readouterr().err
+    assert status == 2, error
+    assert f"--tokenizer {foreign_tokenizer_dir}" in error and "manifest.json (train stage)" in error
+    assert not (tmp_path / "export").exists()
+    # the tokenizer the manifest records passes, and verify.json says what it was compared with
+    report = export(ExportConfig(source=source, tokenizer=tokenizer_dir, output=tmp_path / "export",
+                                 heldout=sample_data[1], heldout_docs=4, heldout_chars=500))
+    check = report["checks"]["source_tokenizer"]
+    assert report["passed"] and check["compared_with"] == [f"{source / 'manifest.json'} (train stage)"]
+
+
+def test_a_source_without_any_tokenizer_record_is_refused_unless_allowed(tmp_path, tokenizer_dir, sample_data):
+    source = _make_model(tmp_path / "model", rows=VOCAB)  # an HF folder from elsewhere: no tokenizer, no manifest
+    config = ExportConfig(source=source, tokenizer=tokenizer_dir, output=tmp_path / "export",
+                          heldout=sample_data[1], heldout_docs=4, heldout_chars=500)
+    with pytest.raises(ExportError, match="keeps no record of its tokenizer.*--allow-unverified-tokenizer"):
+        export(config)
+    config.allow_unverified_tokenizer = True
+    report = export(config)
+    assert report["passed"] and "unverified" in report["checks"]["source_tokenizer"]
 
 
 def test_nemo_command_uses_the_converter_arguments():
@@ -394,18 +491,22 @@ def _post_json(url: str, payload: dict) -> dict:
         return json.loads(response.read())
 
 
-def test_the_served_model_is_the_export(served_export):
-    """A greedy completion from the server equals the export's greedy continuation computed here."""
+@pytest.mark.parametrize("frequency_penalty", [0.0, 0.5])
+def test_the_served_model_is_the_export(served_export, frequency_penalty):
+    """A greedy completion from the server equals the export's greedy continuation computed here (with the
+    smoke test's frequency_penalty 0.5, which transformers serve applies as repetition_penalty 1.5)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_url, folder = served_export
     prompt = "module counter (input logic clk, output logic [7:0] count);"
     answer = _post_json(f"{base_url}/completions",
-                        {"model": str(folder), "prompt": prompt, "max_tokens": 12, "temperature": 0.0})
+                        {"model": str(folder), "prompt": prompt, "max_tokens": 12, "temperature": 0.0,
+                         "frequency_penalty": frequency_penalty})
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     ids = tokenizer(prompt, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False, repetition_penalty=1 + frequency_penalty,
+                         pad_token_id=tokenizer.eos_token_id)
     local = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert answer["choices"][0]["text"] == local
     assert answer["usage"]["prompt_tokens"] == ids["input_ids"].shape[1]
@@ -417,6 +518,25 @@ def test_smoke_test_fails_clearly_for_a_model_the_server_does_not_serve(served_e
                    "--max-tokens", "4", "--timeout-s", "60"])
     error = capsys.readouterr().err
     assert status == 2 and "answered HTTP 4" in error and "llama-2-7b-chipdesign" in error
+
+
+def test_a_killed_serve_command_stops_its_server(exported, tmp_path):
+    import signal
+    import subprocess
+
+    from dapt.serve import check_address
+
+    python = _serving_python_or_skip()
+    command = [sys.executable, "-m", "dapt", "serve", "--model", str(exported[0]), "--python", str(python)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as serve:
+        first = serve.stdout.readline()
+        assert first.startswith("serving "), first + serve.stdout.read()
+        port = int(first.split("http://127.0.0.1:")[1].split("/")[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+            assert response.status == 200
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 128 + signal.SIGTERM
+    check_address("127.0.0.1", port)  # nobody listens there any more: the server went with the command
 
 
 def test_local_server_refuses_a_folder_without_a_model(tmp_path):
@@ -432,6 +552,7 @@ def test_export_of_a_model_with_tied_embeddings(tmp_path, tokenizer_dir, sample_
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
+    shutil.copyfile(tokenizer_dir / "tokenizer.model", tmp_path / "tied" / "tokenizer.model")
     report = export(ExportConfig(source=tmp_path / "tied", tokenizer=tokenizer_dir,
                                  output=tmp_path / "export", heldout=sample_data[1], heldout_docs=4,
                                  heldout_chars=500))
@@ -439,3 +560,44 @@ def test_export_of_a_model_with_tied_embeddings(tmp_path, tokenizer_dir, sample_
     assert report["checks"]["vocab_size"]["sizes"] == {
         "config.vocab_size": VOCAB, "sentencepiece": VOCAB, "hf_tokenizer": VOCAB,
         "model.embed_tokens.weight": VOCAB}
+
+
+def test_a_bf16_source_is_verified_in_float32_on_the_cpu_and_exported_in_bf16(tmp_path, tokenizer_dir, sample_data):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    source = _make_model(tmp_path / "model", rows=VOCAB, tokenizer=tokenizer_dir)
+    AutoModelForCausalLM.from_pretrained(source).to(torch.bfloat16).save_pretrained(source)
+    report = export(ExportConfig(source=source, tokenizer=tokenizer_dir, output=tmp_path / "export",
+                                 heldout=sample_data[1], heldout_docs=4, heldout_chars=500))
+    logits = report["checks"]["logits"]
+    # both sides computed in float32 from the same bf16 weights (cast up exactly): no difference at all
+    assert report["passed"] and logits["computed_in"] == "float32" and logits["max_abs_difference"] == 0.0
+    weights = load_file(tmp_path / "export" / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}  # the weights keep their dtype
+
+
+def test_the_logit_tolerance_follows_the_precision():
+    import torch
+
+    from dapt.export import logit_tolerance
+
+    reference = torch.tensor([[3.0, -20.0, 0.5]])
+    assert logit_tolerance(torch.float32, reference, 1e-4) == (1e-4, "float32: --logits-tolerance")
+    bf16, rule = logit_tolerance(torch.bfloat16, reference, 1e-4)
+    assert bf16 == 4 * 2**-7 * 20.0 and rule.startswith("bfloat16: 4 x eps (0.0078125)")
+    assert logit_tolerance(torch.float16, reference, 1e-4)[0] == 4 * 2**-10 * 20.0
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--max-tensor-parallel", "0"), ("--max-tensor-parallel", "-2"), ("--heldout-docs", "0"),
+    ("--heldout-chars", "0"), ("--probe-tokens", "0"), ("--generate-tokens", "0"),
+    ("--logits-tolerance", "-1"), ("--logits-tolerance", "nan"), ("--profile", "llama2-8b"),
+])
+def test_export_refuses_numbers_that_cannot_work(option, value, tmp_path, tokenizer_dir, capsys):
+    status = main(["export", "--source", str(tmp_path), "--tokenizer", str(tokenizer_dir),
+                   "--output", str(tmp_path / "export"), option, value])
+    error = capsys.readouterr().err
+    assert status == 2 and f"{option} {value}" in error, error
+    assert not (tmp_path / "export").exists()

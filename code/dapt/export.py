@@ -1,35 +1,44 @@
-"""Export the adapted model as a Hugging Face folder for NIM, verify it, and smoke-test a served model.
+"""Stage ``export``: the adapted model as a Hugging Face folder for NIM, and its verification.
 
-Two stages live here:
+The trained weights (an HF folder from the CPU engine, or a NeMo ``.nemo`` checkpoint inside the NeMo
+container) become an HF folder that NIM's fine-tuned-model flow can serve: safetensors weights, ``config.json``
+whose ``vocab_size`` equals the weights' rows, the ADAPTED tokenizer files with a Llama-2-style chat template,
+and ``verify.json``, the result of :func:`verify_export`.
 
-* ``export``: the trained weights (an HF folder from the CPU engine, or a NeMo ``.nemo`` checkpoint inside
-  the NeMo container) become an HF folder that NIM's fine-tuned-model flow can serve: safetensors weights,
-  ``config.json`` whose ``vocab_size`` equals the weights' rows, the ADAPTED tokenizer files with a
-  Llama-2-style chat template, and ``verify.json``, the result of :func:`verify_export`.
-* ``smoke-test``: completion and chat requests to an OpenAI-compatible endpoint (NIM, or a local server),
-  checking the answers' shape and that the exported tokenizer round-trips the text and counts the prompt's
-  tokens as the server does.
+The tokenizer passed with ``--tokenizer`` must be the one the weights were trained with: the source's own
+record of it (the ``.nemo``'s packed tokenizer, the HF folder's ``tokenizer.model``, or the SHA-256 that the
+``train``/``embeddings`` stage wrote into the source's manifest) must be byte-identical, so a foreign tokenizer
+of the same size is refused. The verification runs where :mod:`dapt.device` says (GPUs in bf16 where present,
+else the CPU in float32) and states the logit tolerance it used in ``verify.json``.
+
+The smoke test of a served export lives in :mod:`dapt.smoke_test`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib.util
 import json
 import math
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
-import urllib.error
-import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from dapt.artifacts import file_sha256, read_manifest, stage_output, write_json
 from dapt.config import DEFAULT_OUTPUTS, get_profile, param
 from dapt.corpus import DEFAULT_HELDOUT, find_jsonl_files, iter_documents
+from dapt.device import Placement, choose_device_and_dtype, dtype_argument, input_device, load_kwargs
 from dapt.errors import UserInputError
+
+# cli.py's STAGES still maps "smoke-test" to this module; the stage itself lives in dapt.smoke_test.
+from dapt.smoke_test import DEFAULT_PROMPT, SmokeTestConfig, smoke_test  # noqa: F401
 
 # The files an adapted tokenizer folder must hold; all of them are copied into the export.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -67,17 +76,24 @@ LLAMA2_CHAT_TEMPLATE = (
     "{%- endfor -%}"
 )
 
+# A NeMo 1 checkpoint (.nemo: a tar of ./model_config.yaml, the weights and the artifacts; or its extracted
+# folder). NeMo packs the tokenizer model as "<32 hex digits>_<its file name>" and records it in
+# model_config.yaml as tokenizer.model = "nemo:<that name>" (SaveRestoreConnector._handle_artifacts, NeMo r2.0.0rc1).
+NEMO_CONFIG = "model_config.yaml"
+NEMO_ARTIFACT_PREFIX = "nemo:"
+MAX_NEMO_CONFIG_BYTES = 8 * 2**20
+
+# Stages of this project whose manifest records the tokenizer of the model folder they wrote:
+# stage -> keys under "inputs" leading to its SHA-256.
+MANIFEST_TOKENIZER_RECORDS = {"train": ("model", "tokenizer_sha256"), "embeddings": ("tokenizer", "sha256")}
+
+# Logit tolerance of the verification for computation in bf16/fp16: this many units in the last place
+# (torch.finfo(dtype).eps) of the largest reference logit. float32 uses --logits-tolerance.
+REDUCED_PRECISION_ULPS = 4
+
 
 class ExportError(UserInputError):
     """The export's inputs do not fit together, or the exported folder failed verification."""
-
-
-class SmokeTestError(UserInputError):
-    """The endpoint's answers fail the smoke test's checks."""
-
-
-class EndpointUnreachable(SmokeTestError):
-    """No server answers at the given address."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,14 +117,26 @@ class ExportConfig:
     precision: Literal["auto", "float32", "bfloat16", "float16"] = param(
         "auto", "dtype of the exported weights; auto keeps the source's")
     max_tensor_parallel: int | None = param(
-        None, "largest TP size the training may have padded the vocabulary for; default: the profile's")
+        None, "largest TP size the training may have padded the vocabulary for (at least 1); "
+        "default: the profile's")
+    allow_unverified_tokenizer: bool = param(
+        False, "export even when the source records no tokenizer to compare --tokenizer with (an HF folder "
+        "without tokenizer.model or manifest); a recorded tokenizer that differs is always refused")
+    device: Literal["auto", "cpu", "cuda"] = param(
+        "auto", "where the verification runs: auto = every visible CUDA GPU (bf16 where supported), else the "
+        "CPU (float32)")
     heldout: Path = param(DEFAULT_HELDOUT, "held-out JSONL (file or folder) for the tokenizer check")
     heldout_docs: int = param(64, "held-out documents compared between the HF and SentencePiece tokenizers")
     heldout_chars: int = param(4000, "characters of each held-out document compared")
-    logits_tolerance: float = param(1e-4, "largest absolute logit difference between source and export")
+    logits_tolerance: float = param(
+        1e-4, "largest absolute logit difference between source and export when computed in float32 (in "
+        f"bf16/fp16: {REDUCED_PRECISION_ULPS} units in the last place of the largest logit)")
     probe_tokens: int = param(64, "tokens of held-out text used for the logit comparison")
     generate_tokens: int = param(16, "tokens generated greedily to check that generation runs")
-    prompt: str = param("module counter (input logic clk", "prompt for the generation check")
+    repetition_penalty: float = param(
+        1.5, "repetition penalty of that greedy generation (1: none; 1.5 keeps the tiny model from repeating a "
+        "newline, as the smoke test's frequency_penalty 0.5 does on transformers serve)")
+    prompt: str = param(DEFAULT_PROMPT, "prompt for the generation check (the start of a SystemVerilog module)")
 
 
 @dataclass
@@ -122,13 +150,39 @@ class TokenizerInfo:
     sha256: str
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_config(config: ExportConfig) -> None:
+    """Refuse numbers that cannot work, naming the user's own value."""
+    for flag, value in (("--max-tensor-parallel", config.max_tensor_parallel),
+                        ("--heldout-docs", config.heldout_docs), ("--heldout-chars", config.heldout_chars),
+                        ("--probe-tokens", config.probe_tokens), ("--generate-tokens", config.generate_tokens)):
+        if value is not None and not _positive_int(value):
+            raise ExportError(f"{flag} {value!r}: give a whole number of at least 1.")
+    tolerance = config.logits_tolerance
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) \
+            or tolerance < 0:
+        raise ExportError(f"--logits-tolerance {tolerance!r}: give a finite number of at least 0.")
+    penalty = config.repetition_penalty
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not math.isfinite(penalty) \
+            or penalty <= 0:
+        raise ExportError(f"--repetition-penalty {penalty!r}: give a number above 0 (1: no penalty).")
+    if not config.prompt:
+        raise ExportError("--prompt is empty; the generation check needs text to continue.")
+
+
 def _resolve(config: ExportConfig) -> tuple[Path, Path, Path, int]:
-    profile = get_profile(config.profile)
+    try:
+        profile = get_profile(config.profile)
+    except ValueError as error:
+        raise ExportError(f"--profile {config.profile}: {error}") from None
     root = DEFAULT_OUTPUTS / profile.name
     source = Path(config.source) if config.source else root / "dapt_model"
     tokenizer = Path(config.tokenizer) if config.tokenizer else root / "tokenizer"
     output = Path(config.output) if config.output else root / "export"
-    max_tp = config.max_tensor_parallel or profile.max_tensor_parallel
+    max_tp = profile.max_tensor_parallel if config.max_tensor_parallel is None else config.max_tensor_parallel
     return source, tokenizer, output, max_tp
 
 
@@ -139,7 +193,7 @@ def load_tokenizer_info(folder: Path) -> TokenizerInfo:
     folder = Path(folder)
     if not folder.is_dir():
         raise ExportError(
-            f"tokenizer folder {folder} does not exist; pass --tokenizer with the adapted tokenizer folder "
+            f"--tokenizer {folder} does not exist; pass the adapted tokenizer folder "
             "(the output of `python -m dapt tokenizer`)."
         )
     missing = [name for name in TOKENIZER_FILES if not (folder / name).is_file()]
@@ -198,18 +252,132 @@ def check_vocab_rows(rows: int, vocab_size: int, max_tensor_parallel: int, where
     return rows - vocab_size
 
 
-def _check_source_tokenizer(source: Path, tokenizer: TokenizerInfo) -> None:
-    """An HF source folder that carries its own tokenizer.model must carry the same one."""
-    own = source / "tokenizer.model"
-    if source.is_dir() and own.is_file() and file_sha256(own) != tokenizer.sha256:
-        raise ExportError(
-            f"{own} differs from {tokenizer.folder / 'tokenizer.model'}: the model was trained with another "
-            "tokenizer; pass that tokenizer's folder with --tokenizer."
-        )
+# --- the source's own record of its tokenizer --------------------------------------------------------
 
 
 def _is_nemo_checkpoint(source: Path) -> bool:
-    return (source.is_file() and source.suffix == ".nemo") or (source / "model_config.yaml").is_file()
+    return (source.is_file() and source.suffix == ".nemo") or (source / NEMO_CONFIG).is_file()
+
+
+def _stream_sha256(handle: IO[bytes], chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    while block := handle.read(chunk):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _nemo_tokenizer_entry(model_config: Any, names: set[str]) -> str | None:
+    """The tokenizer file a NeMo model config names, resolved as NeMo's register_artifact does.
+
+    Returns an existing local path (NeMo prefers one), an entry of the checkpoint (``nemo:`` names, or the
+    plain file name for older checkpoints) prefixed with ``nemo:``, or None when the config names none.
+    """
+    tokenizer = model_config.get("tokenizer") if isinstance(model_config, dict) else None
+    value = tokenizer.get("model") if isinstance(tokenizer, dict) else None
+    if not isinstance(value, str) or not value:
+        return None
+    if value.startswith(NEMO_ARTIFACT_PREFIX):
+        return value if value[len(NEMO_ARTIFACT_PREFIX):] in names else None
+    if Path(value).is_file():
+        return value
+    return NEMO_ARTIFACT_PREFIX + Path(value).name if Path(value).name in names else None
+
+
+def _parse_nemo_config(text: bytes, where: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ExportError(f"{where} is not valid YAML ({error}); is the checkpoint complete?") from None
+
+
+def nemo_tokenizer_record(source: Path) -> tuple[str, str] | None:
+    """SHA-256 and location of the tokenizer model a NeMo checkpoint carries; None if it names none."""
+    source = Path(source)
+    if source.is_dir():
+        config_path = source / NEMO_CONFIG
+        names = {entry.name for entry in source.iterdir() if entry.is_file()}
+        entry = _nemo_tokenizer_entry(_parse_nemo_config(config_path.read_bytes(), str(config_path)), names)
+        if entry is None:
+            return None
+        path = source / entry[len(NEMO_ARTIFACT_PREFIX):] if entry.startswith(NEMO_ARTIFACT_PREFIX) else Path(entry)
+        return file_sha256(path), str(path)
+    try:
+        with tarfile.open(source, "r:*") as archive:
+            members = {member.name.removeprefix("./"): member for member in archive.getmembers() if member.isfile()}
+            config_member = members.get(NEMO_CONFIG)
+            if config_member is None:
+                raise ExportError(f"--source {source} holds no {NEMO_CONFIG}; it is not a NeMo checkpoint.")
+            if config_member.size > MAX_NEMO_CONFIG_BYTES:
+                raise ExportError(f"{NEMO_CONFIG} in {source} has {config_member.size} bytes; a NeMo model "
+                                  "config has a few kilobytes: the checkpoint is damaged.")
+            model_config = _parse_nemo_config(archive.extractfile(config_member).read(), f"{NEMO_CONFIG} in {source}")
+            entry = _nemo_tokenizer_entry(model_config, set(members))
+            if entry is None:
+                return None
+            if not entry.startswith(NEMO_ARTIFACT_PREFIX):
+                return file_sha256(entry), entry
+            name = entry[len(NEMO_ARTIFACT_PREFIX):]
+            return _stream_sha256(archive.extractfile(members[name])), f"{source}:{name}"
+    except (tarfile.TarError, EOFError) as error:
+        raise ExportError(f"--source {source} is not a readable .nemo archive ({error}); a .nemo is the tar "
+                          "file NeMo saves at the end of training.") from None
+
+
+def manifest_tokenizer_record(folder: Path) -> tuple[str, str] | None:
+    """The tokenizer SHA-256 the ``train``/``embeddings`` stage recorded in ``folder``'s manifest, if any."""
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    keys = MANIFEST_TOKENIZER_RECORDS.get((manifest or {}).get("stage"))
+    if keys is None:
+        return None
+    value: Any = manifest.get("inputs")
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return (value, f"{folder / 'manifest.json'} ({manifest['stage']} stage)") if isinstance(value, str) else None
+
+
+def source_tokenizer_records(source: Path) -> list[tuple[str, str]]:
+    """Every record the source keeps of the tokenizer it was trained with: (SHA-256, where)."""
+    if _is_nemo_checkpoint(source):
+        record = nemo_tokenizer_record(source)
+        return [record] if record else []
+    records = []
+    own = source / "tokenizer.model"
+    if own.is_file():
+        records.append((file_sha256(own), str(own)))
+    record = manifest_tokenizer_record(source)
+    if record:
+        records.append(record)
+    return records
+
+
+def check_source_tokenizer(source: Path, tokenizer: TokenizerInfo, allow_unverified: bool = False) -> dict:
+    """Refuse a tokenizer that is not the one the source was trained with; return what was compared."""
+    given = tokenizer.folder / "tokenizer.model"
+    records = source_tokenizer_records(source)
+    for sha256, where in records:
+        if sha256 != tokenizer.sha256:
+            raise ExportError(
+                f"--tokenizer {tokenizer.folder}: its tokenizer.model (sha256 {tokenizer.sha256[:12]}...) is not "
+                f"the tokenizer the model in {source} was trained with ({where}: sha256 {sha256[:12]}...), even "
+                "if both have the same number of pieces; pass the folder of the tokenizer the model was "
+                "trained with (`python -m dapt tokenizer`'s output for this run)."
+            )
+    if records:
+        return {"passed": True, "sha256": tokenizer.sha256, "compared_with": [where for _, where in records]}
+    if not allow_unverified:
+        raise ExportError(
+            f"--source {source} keeps no record of its tokenizer (no tokenizer.model, no packed tokenizer, no "
+            f"manifest of this project's train stage), so nothing shows that {given} belongs to these weights. "
+            "Copy the tokenizer.model the model was trained with into the source folder, or pass "
+            "--allow-unverified-tokenizer if you are sure."
+        )
+    return {"passed": True, "sha256": tokenizer.sha256, "compared_with": [],
+            "unverified": "the source records no tokenizer; accepted with --allow-unverified-tokenizer"}
+
+
+# --- loading the source --------------------------------------------------------------------------------
 
 
 def nemo_to_hf_command(nemo_checkpoint: Path, weights_out: Path, nemo_root: Path,
@@ -237,34 +405,46 @@ def _nemo_available(nemo_root: Path) -> bool:
     return importlib.util.find_spec("nemo") is not None and (Path(nemo_root) / NEMO_CONVERTER).is_file()
 
 
-def _load_hf_source(source: Path, precision: str) -> Any:
+def _load_hf_source(source: Path, precision: str, placement: Placement) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
     if not (source / "config.json").is_file():
         raise ExportError(
-            f"source {source} is neither an HF model folder (no config.json) nor a .nemo checkpoint; "
-            "pass --source with the trained model (outputs/<profile>/dapt_model on CPU)."
+            f"--source {source} is neither an HF model folder (no config.json) nor a .nemo checkpoint; "
+            "pass the trained model (outputs/<profile>/dapt_model on CPU)."
         )
     dtype = "auto" if precision == "auto" else getattr(torch, precision)
-    return AutoModelForCausalLM.from_pretrained(source, torch_dtype=dtype, local_files_only=True)
+    kwargs = {**load_kwargs(placement), **dtype_argument(dtype)}  # the weights keep their dtype in the export
+    return AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
 
 
-def _load_nemo_source(source: Path, config: ExportConfig, workdir: Path) -> Any:
+def _dispatch(model: Any, placement: Placement) -> Any:
+    """Spread a model built in CPU memory over the visible GPUs, as ``from_pretrained(device_map="auto")`` does."""
+    if placement.device_map is None:
+        return model
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules, dtype=model.dtype)
+    return dispatch_model(model, device_map=device_map)
+
+
+def _load_nemo_source(source: Path, config: ExportConfig, workdir: Path, placement: Placement) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if config.base_hf_model is None or not (Path(config.base_hf_model) / "config.json").is_file():
         raise ExportError(
-            f"source {source} is a NeMo checkpoint: pass --base-hf-model with the base model's HF folder "
-            "(for example Llama-2-7b-hf); its config.json describes the architecture."
+            f"--source {source} is a NeMo checkpoint: pass --base-hf-model with the base model's HF folder "
+            f"(for example Llama-2-7b-hf; {config.base_hf_model} has no config.json); its config.json "
+            "describes the architecture."
         )
     weights = workdir / "nemo_weights.bin"
     cpu_only = not torch.cuda.is_available()
     command = nemo_to_hf_command(source, weights, config.nemo_root, config.precision, cpu_only)
     if not _nemo_available(config.nemo_root):
         raise ExportError(
-            f"source {source} is a NeMo checkpoint, and converting it needs NeMo, which this machine does "
+            f"--source {source} is a NeMo checkpoint, and converting it needs NeMo, which this machine does "
             f"not have (no `nemo` package or no {Path(config.nemo_root) / NEMO_CONVERTER}). Run this stage "
             "inside the NeMo 24.07 container; it runs:\n  " + " ".join(command)
         )
@@ -274,9 +454,10 @@ def _load_nemo_source(source: Path, config: ExportConfig, workdir: Path) -> Any:
     hf_config = AutoConfig.from_pretrained(config.base_hf_model, local_files_only=True)
     hf_config.vocab_size = state["model.embed_tokens.weight"].shape[0]
     dtype = state["model.embed_tokens.weight"].dtype
-    model = AutoModelForCausalLM.from_config(hf_config, torch_dtype=dtype)
+    model = AutoModelForCausalLM.from_config(hf_config, **dtype_argument(dtype))
     model.load_state_dict(state, strict=True)
-    return model
+    del state
+    return _dispatch(model, placement)
 
 
 def _heldout_texts(heldout: Path, max_docs: int, max_chars: int) -> list[str]:
@@ -305,11 +486,58 @@ def _probe_ids(tokenizer: TokenizerInfo, texts: list[str], length: int) -> list[
     return ids[:length]
 
 
-def _logits(model: Any, ids: list[int], vocab_size: int) -> Any:
+# --- computing in the chosen precision -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def computing_in(model: Any, placement: Placement) -> Iterator[Any]:
+    """Run ``model``'s forward passes in the placement's precision; yields the dtype they run in.
+
+    On the CPU: float32; weights stored in bf16/fp16 are cast up in place (exactly) and back afterwards (only
+    the parameters: buffers such as the rotary frequencies stay as loaded). On GPUs: the weights' own dtype
+    when it is as narrow as the placement's (bf16 weights in bf16), else autocast to the placement's dtype
+    (float32 weights computed in bf16), so source and export run the same way.
+    """
     import torch
 
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0, :, :vocab_size].float()
+    stored = model.dtype
+    if placement.device_map is None:
+        parameters = [p for p in model.parameters() if p.dtype != torch.float32]
+        originals = [p.dtype for p in parameters]
+        for parameter in parameters:
+            parameter.data = parameter.data.float()
+        try:
+            yield torch.float32
+        finally:
+            for parameter, dtype in zip(parameters, originals):
+                parameter.data = parameter.data.to(dtype)
+    elif placement.dtype.itemsize < stored.itemsize:
+        with torch.autocast("cuda", dtype=placement.dtype):
+            yield placement.dtype
+    else:
+        yield stored
+
+
+def _logits(model: Any, ids: list[int], vocab_size: int, placement: Placement) -> tuple[Any, Any]:
+    """Logits of ``ids`` (float32, on the CPU) and the dtype they were computed in."""
+    import torch
+
+    with torch.no_grad(), computing_in(model, placement) as dtype:
+        logits = model(torch.tensor([ids], device=input_device(model))).logits
+    return logits[0, :, :vocab_size].float().cpu(), dtype
+
+
+def logit_tolerance(dtype: Any, reference: Any, float32_tolerance: float) -> tuple[float, str]:
+    """The largest logit difference accepted for computation in ``dtype``, and its rule in words."""
+    import torch
+
+    if dtype == torch.float32:
+        return float32_tolerance, "float32: --logits-tolerance"
+    eps = torch.finfo(dtype).eps
+    largest = max(1.0, float(reference.abs().max()))
+    return (REDUCED_PRECISION_ULPS * eps * largest,
+            f"{str(dtype).removeprefix('torch.')}: {REDUCED_PRECISION_ULPS} x eps ({eps:g}) x max(1, largest "
+            f"|reference logit| = {largest:.4g})")
 
 
 def _strip_padding_rows(model: Any, tokenizer: TokenizerInfo) -> None:
@@ -335,25 +563,26 @@ def _copy_tokenizer(tokenizer: TokenizerInfo, folder: Path) -> None:
 
 def export(config: ExportConfig) -> dict:
     """Write the HF export for NIM (safetensors, adapted tokenizer, chat template) and verify it."""
+    check_config(config)
     source, tokenizer_folder, output, max_tp = _resolve(config)
     tokenizer = load_tokenizer_info(tokenizer_folder)
     if not source.exists():
         raise ExportError(
-            f"source {source} does not exist; train first (`python -m dapt train`) or pass --source."
+            f"--source {source} does not exist; train first (`python -m dapt train`) or pass the trained model."
         )
+    kind = "nemo" if _is_nemo_checkpoint(source) else "hf"
+    tokenizer_check = check_source_tokenizer(source, tokenizer, config.allow_unverified_tokenizer)
+    placement = choose_device_and_dtype(config.device)
     texts = _heldout_texts(config.heldout, config.heldout_docs, config.heldout_chars)
     with tempfile.TemporaryDirectory(prefix="dapt-export-") as workdir:
-        if _is_nemo_checkpoint(source):
-            kind = "nemo"
-            model = _load_nemo_source(source, config, Path(workdir))
+        if kind == "nemo":
+            model = _load_nemo_source(source, config, Path(workdir), placement)
         else:
-            kind = "hf"
-            _check_source_tokenizer(source, tokenizer)
-            model = _load_hf_source(source, config.precision)
+            model = _load_hf_source(source, config.precision, placement)
     rows = model.get_input_embeddings().weight.shape[0]
     padding = check_vocab_rows(rows, tokenizer.vocab_size, max_tp, str(source))
     probe = _probe_ids(tokenizer, texts, config.probe_tokens)
-    reference = _logits(model, probe, tokenizer.vocab_size)
+    reference, _ = _logits(model, probe, tokenizer.vocab_size, placement)
     _strip_padding_rows(model, tokenizer)
     inputs = {
         "source": {"path": str(source), "kind": kind, "stage": (read_manifest(source) or {}).get("stage")
@@ -367,7 +596,9 @@ def export(config: ExportConfig) -> dict:
         _copy_tokenizer(tokenizer, folder)
         report = verify_export(folder, texts=texts, reference_logits=reference, probe_ids=probe,
                                tolerance=config.logits_tolerance, generate_tokens=config.generate_tokens,
-                               prompt=config.prompt)
+                               prompt=config.prompt, placement=placement,
+                               repetition_penalty=config.repetition_penalty)
+        report["checks"]["source_tokenizer"] = tokenizer_check
         report["source"] = {"kind": kind, "embedding_rows": rows, "padding_rows_stripped": padding}
         write_json(folder / "verify.json", report)
         if not report["passed"]:
@@ -377,6 +608,7 @@ def export(config: ExportConfig) -> dict:
                 "Details: " + json.dumps({name: report["checks"][name] for name in failed})[:2000]
             )
     print(json.dumps({"output": str(output), "passed": report["passed"], "padding_rows_stripped": padding,
+                      "verified_on": placement.description,
                       **{name: check["passed"] for name, check in report["checks"].items()}}, indent=2))
     return report
 
@@ -431,24 +663,37 @@ def _check_token_ids(hf_tokenizer: Any, processor: Any, texts: list[str]) -> dic
             "mismatched_documents": len(mismatches), "examples": mismatches[:3], "hf_adds_bos": bos_ok}
 
 
-def _check_logits(model: Any, reference: Any, probe_ids: list[int], tolerance: float) -> dict:
-    exported = _logits(model, probe_ids, reference.shape[-1])
+def _check_logits(model: Any, reference: Any, probe_ids: list[int], tolerance: float,
+                  placement: Placement) -> dict:
+    """The export's logits against the source's, computed the same way, within the precision's tolerance.
+
+    The argmax must agree at every position whose two largest reference logits differ by more than the
+    tolerance (where they nearly tie, rounding may pick either).
+    """
+    exported, dtype = _logits(model, probe_ids, reference.shape[-1], placement)
+    allowed, rule = logit_tolerance(dtype, reference, tolerance)
     difference = float((exported - reference).abs().max())
-    same_argmax = bool((exported.argmax(-1) == reference.argmax(-1)).all())
-    return {"passed": difference <= tolerance and same_argmax, "max_abs_difference": difference,
-            "tolerance": tolerance, "tokens": len(probe_ids), "same_argmax": same_argmax}
+    top2 = reference.topk(2, dim=-1).values if reference.shape[-1] > 1 else reference.repeat(1, 2)
+    decided = (top2[:, 0] - top2[:, 1]) > allowed
+    same_argmax = bool((exported.argmax(-1) == reference.argmax(-1))[decided].all())
+    return {"passed": difference <= allowed and same_argmax, "max_abs_difference": difference,
+            "tolerance": allowed, "tolerance_rule": rule, "computed_in": str(dtype).removeprefix("torch."),
+            "tokens": len(probe_ids), "same_argmax": same_argmax,
+            "argmax_positions_compared": int(decided.sum())}
 
 
-def _check_generation(model: Any, hf_tokenizer: Any, prompt: str, new_tokens: int) -> dict:
+def _check_generation(model: Any, hf_tokenizer: Any, prompt: str, new_tokens: int, placement: Placement,
+                      repetition_penalty: float = 1.0) -> dict:
     import torch
 
-    encoded = hf_tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
+    encoded = hf_tokenizer(prompt, return_tensors="pt").to(input_device(model))
+    with torch.no_grad(), computing_in(model, placement):
         output = model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False,
-                                pad_token_id=hf_tokenizer.eos_token_id)
+                                repetition_penalty=repetition_penalty, pad_token_id=hf_tokenizer.eos_token_id)
     generated = output[0, encoded["input_ids"].shape[1]:].tolist()
     in_range = all(0 <= token < len(hf_tokenizer) for token in generated)
     return {"passed": bool(generated) and in_range, "new_tokens": len(generated), "ids": generated,
+            "prompt": prompt, "repetition_penalty": repetition_penalty,
             "text": hf_tokenizer.decode(generated, skip_special_tokens=False)}
 
 
@@ -468,22 +713,28 @@ def _check_chat_template(hf_tokenizer: Any, processor: Any) -> dict:
 def verify_export(folder: Path, texts: list[str] | None = None, heldout: Path | None = None,
                   max_docs: int = 64, max_chars: int = 4000, reference_logits: Any = None,
                   probe_ids: list[int] | None = None, tolerance: float = 1e-4, generate_tokens: int = 16,
-                  prompt: str = "module counter (input logic clk") -> dict:
-    """Check an exported folder; returns ``{"passed": bool, "checks": {...}}``.
+                  prompt: str = DEFAULT_PROMPT, placement: Placement | None = None,
+                  repetition_penalty: float = 1.0) -> dict:
+    """Check an exported folder; returns ``{"passed": bool, "placement": str, "checks": {...}}``.
 
     Checks: the files (safetensors, tokenizer files, no pickles); one vocabulary size across config.json,
     weights, SentencePiece and the HF tokenizer; HF token ids equal SentencePiece ids on held-out text
     (``texts``, or read from ``heldout``); the chat template gives Meta's Llama 2 chat token ids; greedy
-    generation runs; and, where ``reference_logits`` (the source weights' logits on ``probe_ids``) are given,
-    the exported model's logits match within ``tolerance``.
+    generation runs; and, where ``reference_logits`` (the source weights' logits on ``probe_ids``, computed
+    with the same ``placement``) are given, the exported model's logits match within the tolerance of the
+    precision they were computed in (``tolerance`` for float32). ``placement`` defaults to
+    :func:`dapt.device.choose_device_and_dtype`'s choice.
     """
     import sentencepiece as spm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placement = placement or choose_device_and_dtype()
     folder = Path(folder)
-    checks: dict[str, dict] = {"files": _check_files(folder)}
+    report: dict[str, Any] = {"passed": False, "placement": placement.description, "checks": {}}
+    checks = report["checks"]
+    checks["files"] = _check_files(folder)
     if checks["files"]["missing"]:
-        return {"passed": False, "checks": checks}
+        return report
     if texts is None:
         texts = _heldout_texts(Path(heldout or DEFAULT_HELDOUT), max_docs, max_chars)
     hf_tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -493,240 +744,24 @@ def verify_export(folder: Path, texts: list[str] | None = None, heldout: Path | 
     checks["token_ids"] = _check_token_ids(hf_tokenizer, processor, texts)
     checks["chat_template"] = _check_chat_template(hf_tokenizer, processor)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype="auto", local_files_only=True)
+        kwargs = {**load_kwargs(placement), **dtype_argument("auto")}  # the export's own dtype
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kwargs)
     except (OSError, RuntimeError, ValueError) as error:
         checks["loads"] = {"passed": False, "error": f"{type(error).__name__}: {error}"[:1000]}
-        return {"passed": False, "checks": checks}
-    checks["loads"] = {"passed": True, "class": type(model).__name__,
+        return report
+    checks["loads"] = {"passed": True, "class": type(model).__name__, "dtype": str(model.dtype),
                        "parameters": sum(p.numel() for p in model.parameters())}
     model.eval()
-    checks["generation"] = _check_generation(model, hf_tokenizer, prompt, generate_tokens)
+    checks["generation"] = _check_generation(model, hf_tokenizer, prompt, generate_tokens, placement,
+                                             repetition_penalty)
     if reference_logits is not None and probe_ids is not None:
-        checks["logits"] = _check_logits(model, reference_logits, probe_ids, tolerance)
+        checks["logits"] = _check_logits(model, reference_logits, probe_ids, tolerance, placement)
     else:
         checks["logits"] = {"passed": True, "skipped": "no readable source weights given"}
-    return {"passed": all(check["passed"] for check in checks.values()), "checks": checks}
-
-
-# --------------------------------------------------------------------------------------------------
-# smoke test of a served model
-# --------------------------------------------------------------------------------------------------
-
-REQUEST_KINDS = ("completion", "chat")
-
-
-@dataclass
-class SmokeTestConfig:
-    """Where the OpenAI-compatible endpoint is and what to send it."""
-
-    base_url: str = param("http://127.0.0.1:8000/v1", "endpoint root, ending in /v1 (NIM's port is 8000)")
-    model: str | None = param(None, "served model name (NIM_SERVED_MODEL_NAME); default: the first one "
-                                       "GET /v1/models lists")
-    tokenizer: Path | None = param(None, "exported folder: checks the tokenizer round trip and that the "
-                                            "server counts prompt tokens as this tokenizer does")
-    requests: tuple[str, ...] = param(REQUEST_KINDS, "requests to send: completion and/or chat")
-    stream: bool = param(False, "ask for server-sent-event streaming")
-    prompt: str = param("module counter (input logic clk", "completion prompt and chat question")
-    max_tokens: int = param(16, "tokens to generate per request")
-    timeout_s: float = param(120.0, "seconds to wait for each HTTP request")
-    api_key: str | None = param(None, "bearer token, where the endpoint needs one")
-    output: Path | None = param(None, "folder for smoke_test.json (none: print only)")
-
-
-def _http(method: str, url: str, payload: dict | None, timeout: float,
-          api_key: str | None) -> tuple[int, str, bytes]:
-    """One HTTP request; returns (status, content type, body). An unreachable server raises SmokeTestError."""
-    data = None if payload is None else json.dumps(payload).encode("utf-8")
-    headers = {"Accept": "application/json, text/event-stream"}
-    if data is not None:
-        headers["Content-Type"] = "application/json"
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.headers.get("Content-Type", ""), response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers.get("Content-Type", ""), error.read()
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise EndpointUnreachable(
-            f"cannot reach {url}: {reason}. Is the server running, and does --base-url point to it "
-            "(scheme, host, port, ending in /v1)?"
-        ) from None
-
-
-def parse_event_stream(body: bytes) -> list[dict]:
-    """The JSON payloads of a server-sent-event body (``data: {...}`` lines; ``[DONE]`` ends it)."""
-    events = []
-    for line in body.decode("utf-8").splitlines():
-        if not line.startswith("data:"):
-            continue
-        data = line[len("data:"):].strip()
-        if data == "[DONE]":
-            break
-        if data:
-            events.append(json.loads(data))
-    return events
-
-
-def merge_stream(kind: str, events: list[dict]) -> dict:
-    """Fold streamed chunks into one answer of the non-streaming shape."""
-    text, role, finish, usage = [], None, None, None
-    for event in events:
-        if "error" in event:  # a server that fails mid-stream says so in an event (HTTP status is already 200)
-            raise SmokeTestError(f"the {kind} stream broke off after {len(text)} chunks with the server's "
-                                 f"error: {json.dumps(event['error'])[:500]}")
-        usage = event.get("usage") or usage
-        for choice in event.get("choices") or []:
-            if kind == "completion":
-                text.append(choice.get("text") or "")
-            else:
-                delta = choice.get("delta") or {}
-                role = delta.get("role") or role
-                text.append(delta.get("content") or "")
-            finish = choice.get("finish_reason") or finish
-    if finish is None:
-        raise SmokeTestError(f"the {kind} stream ended without a final chunk (no finish_reason in "
-                             f"{len(events)} events)")
-    if kind == "completion":
-        choice = {"text": "".join(text), "finish_reason": finish}
-    else:
-        choice = {"message": {"role": role, "content": "".join(text)}, "finish_reason": finish}
-    return {"object": events[0].get("object") if events else None, "choices": [choice], "usage": usage,
-            "streamed_chunks": len(events)}
-
-
-def answer_text(kind: str, answer: dict) -> str:
-    """The generated text of a completion or chat answer; SmokeTestError when its shape is wrong."""
-    choices = answer.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise SmokeTestError(f"{kind} answer has no choices list: {json.dumps(answer)[:500]}")
-    choice = choices[0]
-    if kind == "completion":
-        text = choice.get("text")
-    else:
-        message = choice.get("message")
-        if not isinstance(message, dict) or message.get("role") != "assistant":
-            raise SmokeTestError(f"chat answer's message is not the assistant's: {json.dumps(choice)[:500]}")
-        text = message.get("content")
-    if not isinstance(text, str):
-        raise SmokeTestError(f"{kind} answer carries no generated text: {json.dumps(choice)[:500]}")
-    if not text and choice.get("finish_reason") != "stop":
-        raise SmokeTestError(f"{kind} answer is empty, yet generation did not stop: "
-                             f"{json.dumps(choice)[:500]}")
-    return text
-
-
-def _request_payload(kind: str, model: str, config: SmokeTestConfig) -> tuple[str, dict, Any]:
-    common = {"model": model, "max_tokens": config.max_tokens, "temperature": 0.0, "stream": config.stream}
-    if kind == "completion":
-        return "completions", {**common, "prompt": config.prompt}, config.prompt
-    messages = [{"role": "user", "content": config.prompt}]
-    return "chat/completions", {**common, "messages": messages}, messages
-
-
-def _send(kind: str, model: str, config: SmokeTestConfig) -> tuple[dict, Any]:
-    route, payload, prompt = _request_payload(kind, model, config)
-    url = f"{config.base_url.rstrip('/')}/{route}"
-    status, content_type, body = _http("POST", url, payload, config.timeout_s, config.api_key)
-    if status != 200:
-        raise SmokeTestError(f"POST {url} answered HTTP {status}: {body[:300].decode('utf-8', 'replace')}")
-    if content_type.startswith("text/event-stream"):
-        answer = merge_stream(kind, parse_event_stream(body))
-    else:
-        try:
-            answer = json.loads(body)
-        except json.JSONDecodeError:
-            raise SmokeTestError(f"POST {url} answered with non-JSON: {body[:300]!r}") from None
-    return answer, prompt
-
-
-def _served_models(config: SmokeTestConfig) -> list[str]:
-    url = f"{config.base_url.rstrip('/')}/models"
-    status, _, body = _http("GET", url, None, config.timeout_s, config.api_key)
-    if status != 200:
-        return []
-    try:
-        return [entry.get("id") for entry in json.loads(body).get("data", []) if isinstance(entry, dict)]
-    except (json.JSONDecodeError, AttributeError):
-        return []
-
-
-def _round_trip(tokenizer: Any, text: str) -> dict:
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    back = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    return {"passed": back == text, "tokens": len(ids), "text": text, "decoded": back}
-
-
-def _prompt_tokens(tokenizer: Any, kind: str, prompt: Any) -> int:
-    if kind == "completion":
-        return len(tokenizer.encode(prompt))
-    return len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True))
-
-
-def _check_answer(kind: str, answer: dict, prompt: Any, tokenizer: Any, max_tokens: int) -> dict:
-    text = answer_text(kind, answer)
-    result: dict[str, Any] = {"passed": True, "text": text,
-                              "finish_reason": answer["choices"][0].get("finish_reason"),
-                              "streamed_chunks": answer.get("streamed_chunks")}
-    usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
-    result["usage"] = usage
-    if usage and isinstance(usage.get("completion_tokens"), int) and usage["completion_tokens"] > max_tokens:
-        result["passed"] = False
-        result["error"] = f"server generated {usage['completion_tokens']} tokens > max_tokens {max_tokens}"
-    if tokenizer is None:
-        return result
-    result["round_trip"] = _round_trip(tokenizer, text)
-    result["passed"] &= result["round_trip"]["passed"]
-    if usage and isinstance(usage.get("prompt_tokens"), int):
-        local = _prompt_tokens(tokenizer, kind, prompt)
-        result["prompt_tokens"] = {"server": usage["prompt_tokens"], "exported_tokenizer": local,
-                                   "passed": usage["prompt_tokens"] == local}
-        result["passed"] &= result["prompt_tokens"]["passed"]
-    else:
-        result["prompt_tokens"] = {"skipped": "the server reported no usage"}
-    return result
-
-
-def smoke_test(config: SmokeTestConfig) -> dict:
-    """Send completion and/or chat requests to an OpenAI-compatible endpoint and check the answers."""
-    unknown = sorted(set(config.requests) - set(REQUEST_KINDS))
-    if unknown or not config.requests:
-        raise SmokeTestError(f"--requests takes completion and/or chat; got {list(config.requests)}")
-    tokenizer = None
-    if config.tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        if not (Path(config.tokenizer) / "tokenizer_config.json").is_file():
-            raise SmokeTestError(f"--tokenizer {config.tokenizer} holds no tokenizer_config.json; "
-                                 "pass the export folder.")
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer, local_files_only=True)
-    served = _served_models(config)
-    model = config.model or (served[0] if served else None)
-    if not model:
-        raise SmokeTestError(f"{config.base_url}/models lists no model; pass --model with the served name.")
-    report: dict[str, Any] = {"base_url": config.base_url, "model": model, "served_models": served,
-                              "model_listed": model in served, "checks": {}}
-    local_round_trip = _round_trip(tokenizer, config.prompt) if tokenizer is not None else None
-    if local_round_trip is not None:
-        report["checks"]["prompt_round_trip"] = local_round_trip
-    for kind in config.requests:
-        try:
-            answer, prompt = _send(kind, model, config)
-            report["checks"][kind] = _check_answer(kind, answer, prompt, tokenizer, config.max_tokens)
-        except EndpointUnreachable:
-            raise
-        except SmokeTestError as error:
-            report["checks"][kind] = {"passed": False, "error": str(error)}
-    report["passed"] = all(check["passed"] for check in report["checks"].values())
-    print(json.dumps(report, indent=2, ensure_ascii=False))
-    if config.output is not None:
-        with stage_output(config.output, "smoke-test", config, {"base_url": config.base_url}) as folder:
-            write_json(folder / "smoke_test.json", report)
-    if not report["passed"]:
-        failed = {name: check.get("error", "see the report above")
-                  for name, check in report["checks"].items() if not check["passed"]}
-        raise SmokeTestError(f"smoke test of {config.base_url} failed: {json.dumps(failed)[:1500]}")
+    report["logit_tolerances"] = {
+        "float32": f"--logits-tolerance ({tolerance:g})",
+        "bfloat16": f"{REDUCED_PRECISION_ULPS} x 2^-7 x max(1, largest |reference logit|)",
+        "float16": f"{REDUCED_PRECISION_ULPS} x 2^-10 x max(1, largest |reference logit|)",
+    }
+    report["passed"] = all(check["passed"] for check in checks.values())
     return report
-
