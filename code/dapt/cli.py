@@ -63,7 +63,7 @@ STAGES: dict[str, Stage] = {
                     "export the trained model for NIM and verify it"),
     "serve": Stage("dapt.serve", "ServeConfig", "serve",
                    "serve an exported model locally (OpenAI-compatible, CPU) with the serving environment"),
-    "smoke-test": Stage("dapt.export", "SmokeTestConfig", "smoke_test",
+    "smoke-test": Stage("dapt.smoke_test", "SmokeTestConfig", "smoke_test",
                         "send completion and chat requests to an OpenAI-compatible endpoint"),
 }
 

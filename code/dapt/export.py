@@ -36,9 +36,7 @@ from dapt.config import DEFAULT_OUTPUTS, get_profile, param
 from dapt.corpus import DEFAULT_HELDOUT, find_jsonl_files, iter_documents
 from dapt.device import Placement, choose_device_and_dtype, dtype_argument, input_device, load_kwargs
 from dapt.errors import UserInputError
-
-# cli.py's STAGES still maps "smoke-test" to this module; the stage itself lives in dapt.smoke_test.
-from dapt.smoke_test import DEFAULT_PROMPT, SmokeTestConfig, smoke_test  # noqa: F401
+from dapt.smoke_test import DEFAULT_PROMPT
 
 # The files an adapted tokenizer folder must hold; all of them are copied into the export.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -57,8 +57,8 @@ class SmokeTestConfig:
                                          "server counts prompt tokens as this tokenizer does")
     requests: tuple[str, ...] = param(REQUEST_KINDS, "requests to send: completion and/or chat")
     stream: bool = param(False, "ask for server-sent-event streaming")
-    prompt: str = param(DEFAULT_PROMPT, "completion prompt and chat question (default: the start of a "
-                                        "SystemVerilog module, which even the tiny model continues)")
+    prompt: str = param(DEFAULT_PROMPT, "completion prompt and chat question; the default is the start of "
+                                        "a SystemVerilog module, which even the tiny model continues")
     max_tokens: int = param(32, "tokens to generate per request (at least 1)")
     frequency_penalty: float = param(
         0.5, "OpenAI frequency_penalty sent with each (greedy) request, from -2 to 2; transformers serve applies "
