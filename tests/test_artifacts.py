@@ -68,15 +68,36 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path: Path) -> No
         (folder / "x").write_text("x")
     assert not any(path.exists() for path in stale)
     assert other.is_dir()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".tokenizer.lock", ".tokenizer_chipnemo.k3j9x0qa.partial",
-                                                          "tokenizer"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tokenizer_chipnemo.k3j9x0qa.partial", "tokenizer"]
 
 
-def test_a_failed_stage_leaves_nothing_but_the_lock(tmp_path: Path) -> None:
+def test_a_failed_stage_leaves_nothing_behind(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), stage_output(tmp_path / "out", "demo", {}, {}) as folder:
         (folder / "half").write_text("half")
         raise RuntimeError("boom")
-    assert [p.name for p in tmp_path.iterdir()] == [".out.lock"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_forked_worker_that_outlives_the_stage_does_not_keep_the_lock(tmp_path: Path) -> None:
+    """torch's compile workers, forked while a stage runs, live as long as the process that forked them."""
+    final = tmp_path / "out"
+    with output_lock(final, "demo"):
+        pid = os.fork()
+        if pid == 0:  # the worker: sleeps on, holding every descriptor it inherited
+            import time
+
+            time.sleep(30)
+            os._exit(0)
+    try:
+        with output_lock(final, "demo"):  # the next run in the same process (a notebook kernel)
+            pass
+        holder = subprocess.run(
+            [sys.executable, "-c", f"from dapt.artifacts import output_lock\nwith output_lock({str(final)!r}, 'x'):"
+             "\n    print('ok')"], capture_output=True, text=True, timeout=60)
+        assert holder.stdout.strip() == "ok", holder.stderr
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
 
 
 @pytest.fixture

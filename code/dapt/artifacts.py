@@ -172,30 +172,61 @@ def lock_path(final: str | os.PathLike) -> Path:
     return final.with_name(f".{final.name}.lock")
 
 
+# Outputs this process holds locked: POSIX record locks do not conflict within one process, so a second
+# writer of the same output in this process (a notebook kernel, a test) is refused through this set.
+_HELD_LOCKS: set[Path] = set()
+
+
+def _busy(final: Path, stage: str, holder: str) -> StageError:
+    return StageError(
+        f"output {final} is being written right now by another `python -m dapt {stage}` ({holder}); "
+        "wait for it to finish, or choose another output."
+    )
+
+
+def _acquire(path: Path, final: Path, stage: str) -> Any:
+    """Open and lock ``path``; retried when another run removed or replaced the file meanwhile."""
+    while True:
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the lock's lifetime
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                handle.close()
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise _busy(final, stage, holder) from None
+        try:
+            same_file = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            return handle
+        handle.close()  # the previous holder removed this file as it finished: lock the current one
+
+
 @contextlib.contextmanager
 def output_lock(final: str | os.PathLike, stage: str, leftovers: list[str] | None = None) -> Iterator[None]:
     """Hold an exclusive lock on the output ``final`` while a stage writes it.
 
     A second command writing the same output at the same time is refused with a clear message
-    (exit 2) instead of interleaving its files with the first one's. The lock is released by the
-    operating system when the process ends, however it ends, so a killed run never blocks the next.
-    Once the lock is held, a killed run's leftovers are removed (:func:`remove_leftovers`, ``leftovers``
-    are its patterns).
+    (exit 2) instead of interleaving its files with the first one's. The lock is a POSIX record lock
+    on ``.<name>.lock`` beside the output: the operating system releases it when the process ends,
+    however it ends, so a killed run never blocks the next, and worker processes forked meanwhile
+    (which may outlive the stage, such as torch's compile workers) do not inherit it. The lock file is
+    removed when the stage finishes. Once the lock is held, a killed run's leftovers are removed
+    (:func:`remove_leftovers`, ``leftovers`` are its patterns).
     """
     final = Path(final).absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
+    if final in _HELD_LOCKS:
+        raise _busy(final, stage, f"this process, pid {os.getpid()}")
     path = lock_path(final)
-    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the lock's lifetime
+    handle = _acquire(path, final, stage)
+    _HELD_LOCKS.add(final)
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise StageError(
-                f"output {final} is being written right now by another `python -m dapt {stage}` ({holder}); "
-                "wait for it to finish, or choose another output."
-            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}\n")
@@ -203,6 +234,9 @@ def output_lock(final: str | os.PathLike, stage: str, leftovers: list[str] | Non
         remove_leftovers(final, leftovers)
         yield
     finally:
+        _HELD_LOCKS.discard(final)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
         handle.close()
 
 
