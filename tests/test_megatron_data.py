@@ -175,6 +175,7 @@ def test_long_documents_are_encoded_in_pieces_with_the_ids_of_the_whole(
     uncut = tmp_path / "uncut" / "d"
     config = DataConfig(tokenizer=tokenizer_dir, input=corpus, output_prefix=uncut, workers=workers,
                         split_percent=(100.0, 0.0, 0.0))
+    monkeypatch.setattr(megatron_data, "_PIECE_CHARS", 10**9)  # every document whole, through add_document
     build_megatron_data(config)
     monkeypatch.setattr(megatron_data, "_PIECE_CHARS", 1000)  # 630 pieces for the long document
     cut = tmp_path / "cut" / "d"

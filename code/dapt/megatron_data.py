@@ -14,7 +14,7 @@ Outputs for ``--output-prefix PREFIX`` (the contract with ``train`` and ``launch
 
 Documents are split train/validation/test by a seeded permutation (document level,
 deterministic). Encoding runs in worker processes, results come back in order. A long
-document is encoded in pieces of about 1 MiB cut where the ids stay exactly those of the
+document is encoded in pieces of about 16 Ki characters cut where the ids stay exactly those of the
 whole document (:mod:`dapt.piecewise`) and written piece by piece, so memory stays bounded
 (SentencePiece needs about 110 bytes per byte of one text it encodes). While the stage runs
 it holds a lock on the prefix (a second ``data`` into the same prefix is refused), removes a

@@ -2,7 +2,7 @@
 
 SentencePiece's encoder holds about 110 bytes per input byte while it encodes one text
 (a 200 MB document needed 22.8 GB). A long text is therefore cut into pieces of about
-:data:`PIECE_CHARS` characters, each encoded on its own, and the ids are concatenated.
+:data:`PIECE_CHARS` (16 Ki) characters, each encoded on its own, and the ids are concatenated.
 They are exactly the ids of the whole text when every cut is at a *safe* position ``p``
 (between ``text[p-1]`` and ``text[p]``), which for a BPE model with the identity
 normaliser (Llama 2's and every model this project writes) means:
@@ -41,8 +41,10 @@ from functools import cached_property
 from dapt.compat import sentencepiece_model_pb2 as sp_pb2
 from dapt.errors import UserInputError
 
-PIECE_CHARS = 1 << 20  # about 115 MB of SentencePiece working memory per piece
-MAX_PIECE_CHARS = 8 * PIECE_CHARS  # no safe cut in this many characters: refused, not encoded whole
+# SentencePiece's BPE also gets slower per byte on long inputs (a 4 MB text: 1 MiB pieces took about twice
+# as long as 16 KiB pieces here), so pieces are small; the hard limit bounds memory at about 1 GB.
+PIECE_CHARS = 1 << 14
+MAX_PIECE_CHARS = 1 << 23  # no safe cut in this many characters: refused, not encoded whole
 BPE = 2
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
