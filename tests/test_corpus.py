@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import json
+import lzma
+import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from dapt.cli import main as cli
-from dapt.corpus import CorpusError, load_corpus, looks_like_blob, mask_blobs
+from dapt.corpus import CorpusError, find_jsonl_files, iter_documents, load_corpus, looks_like_blob, mask_blobs
 
 
 def test_reads_real_corpus_recursively(shared_data: Path) -> None:
@@ -73,3 +79,133 @@ def test_blobs_are_masked_but_code_is_kept() -> None:
         assert code in masked
     assert looks_like_blob("▁VXNlIGFsbW") and looks_like_blob("9a2311e871")
     assert not looks_like_blob("▁always_ff") and not looks_like_blob("AXI4Lite") and not looks_like_blob("▁rv32i")
+
+
+# --- inputs users really have (issue 12, items 6 and 10-13) ---------------------------------------------------
+
+RECORDS = [{"text": f"module m{i}; // caf\u00e9 {i}\nendmodule", "file_type": "verilog"} for i in range(40)]
+
+
+def _jsonl_bytes(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+
+
+def _texts(path: Path) -> list[str]:
+    return [doc.text for doc in iter_documents(path)]
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+def test_compressed_files_are_read_beside_plain_ones(tmp_path: Path, suffix: str) -> None:
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}.get(suffix)
+    if compress is None:
+        zstandard = pytest.importorskip("zstandard", reason="zstandard is not installed (optional, for .zst)")
+        # two frames, as parallel compressors write them: both must be read
+        half = len(RECORDS) // 2
+        data = (zstandard.ZstdCompressor().compress(_jsonl_bytes(RECORDS[:half]))
+                + zstandard.ZstdCompressor().compress(_jsonl_bytes(RECORDS[half:])))
+    else:
+        data = compress(_jsonl_bytes(RECORDS))
+    (tmp_path / "a_plain.jsonl").write_bytes(_jsonl_bytes(RECORDS[:3]))
+    (tmp_path / f"b_packed.jsonl{suffix}").write_bytes(data)
+    assert [p.name for p in find_jsonl_files(tmp_path)] == ["a_plain.jsonl", f"b_packed.jsonl{suffix}"]
+    docs = list(iter_documents(tmp_path))
+    assert [d.text for d in docs] == [r["text"] for r in RECORDS[:3] + RECORDS]
+    assert (docs[-1].path, docs[-1].line) == (str(tmp_path / f"b_packed.jsonl{suffix}"), len(RECORDS))
+
+
+def test_zstd_without_its_package_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "c.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 16)
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import fails as if it were not installed
+    with pytest.raises(CorpusError, match=r"c.jsonl.zst is zstd-compressed .*pip install zstandard=="):
+        list(iter_documents(tmp_path))
+
+
+def test_compressed_file_named_jsonl_is_refused_with_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").write_bytes(gzip.compress(_jsonl_bytes(RECORDS)))
+    with pytest.raises(CorpusError, match=r"d.jsonl is gzip-compressed but its name does not say so; "
+                                          r"rename it to d.jsonl.gz"):
+        list(iter_documents(tmp_path))
+
+
+def test_truncated_gzip_is_a_clean_error(tmp_path: Path) -> None:
+    data = gzip.compress(_jsonl_bytes(RECORDS * 50))
+    (tmp_path / "e.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorpusError, match=r"e.jsonl.gz:\d+: cannot be read or decompressed .*truncated"):
+        list(iter_documents(tmp_path))
+
+
+def test_compressed_input_is_streamed_not_decompressed_whole(tmp_path: Path) -> None:
+    record = json.dumps({"text": "assign q = d; // " + "x" * 200}) + "\n"
+    plain = (record * 100_000).encode()  # 22 MB of JSONL, about 100 kB compressed
+    (tmp_path / "f.jsonl.gz").write_bytes(gzip.compress(plain))
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in iter_documents(tmp_path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 100_000
+    assert peak < 4_000_000, f"reading 22 MB of gzip-compressed JSONL peaked at {peak / 1e6:.1f} MB"
+
+
+def test_symlinked_subfolders_are_followed_once_and_loops_end(tmp_path: Path) -> None:
+    outside = tmp_path / "shards"
+    outside.mkdir()
+    (outside / "s1.jsonl").write_bytes(_jsonl_bytes(RECORDS[:2]))
+    root = tmp_path / "corpus"
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "r.jsonl").write_bytes(_jsonl_bytes(RECORDS[2:3]))
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "real" / "loop").symlink_to(root, target_is_directory=True)  # a cycle back to the top
+    (root / "again").symlink_to(root / "real", target_is_directory=True)  # the same folder twice
+    files = find_jsonl_files(root)
+    assert [f.relative_to(root).as_posix() for f in files] == ["again/r.jsonl", "linked/s1.jsonl"]
+    assert sorted(_texts(root)) == sorted(r["text"] for r in RECORDS[:3])
+
+
+def test_byte_order_mark_at_file_start_is_accepted(tmp_path: Path) -> None:
+    (tmp_path / "g.jsonl").write_bytes(b"\xef\xbb\xbf" + _jsonl_bytes(RECORDS[:2]))
+    assert _texts(tmp_path) == [r["text"] for r in RECORDS[:2]]
+
+
+def test_json_error_names_the_right_line_and_column(tmp_path: Path) -> None:
+    lines = [json.dumps({"text": f"line {i}"}) for i in range(12)]
+    lines.append('{"text": "thirteen", "n": 123456')  # cut off: the error is at the line's end, column 33
+    lines.append(json.dumps({"text": "fourteen"}))
+    (tmp_path / "h.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CorpusError, match=r"h.jsonl:13: malformed JSON \(Expecting ',' delimiter at column 33\)"):
+        list(iter_documents(tmp_path))
+    (tmp_path / "h.jsonl").write_text("\n".join([*lines[:12], '{"text": "thirteen", "n";13}']) + "\r\n")
+    with pytest.raises(CorpusError, match=r"h.jsonl:13: malformed JSON \(Expecting ':' delimiter at column 25\)"):
+        list(iter_documents(tmp_path))
+
+
+@pytest.mark.parametrize("record", [
+    '{"text": "ok \\ud800 then"}',
+    '{"text": "fine", "source": "x\\udc00"}',
+])
+def test_lone_surrogate_is_refused_at_read_time(tmp_path: Path, record: str) -> None:
+    (tmp_path / "i.jsonl").write_text('{"text": "pair \\ud83d\\ude00 is fine"}\n' + record + "\n")
+    with pytest.raises(CorpusError, match=r"i.jsonl:2: field '(text|source)' holds a lone surrogate "
+                                          r"\(\\u(d800|dc00) at character \d+\)"):
+        list(iter_documents(tmp_path))
+    (tmp_path / "i.jsonl").write_text('{"text": "pair \\ud83d\\ude00 is fine"}\n')
+    assert _texts(tmp_path) == ["pair \U0001f600 is fine"]
+
+
+@pytest.mark.parametrize("stage", ["data", "tokenizer"])
+def test_lone_surrogate_exits_2_in_each_stage(tmp_path: Path, capsys, stage: str, llama2_tokenizer: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "j.jsonl").write_text('{"text": "module a; endmodule"}\n{"text": "bad \\udfff"}\n')
+    if stage == "data":
+        args = ["data", "--tokenizer", str(llama2_tokenizer), "--input", str(corpus),
+                "--output-prefix", str(tmp_path / "out" / "d")]
+    else:
+        args = ["tokenizer", "--base-tokenizer", str(llama2_tokenizer), "--domain-data", str(corpus),
+                "--general-data", str(corpus), "--output", str(tmp_path / "out")]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert "j.jsonl:2: field 'text' holds a lone surrogate (\\udfff" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any(p.name.endswith((".bin", ".idx"))
+                                                      for p in (tmp_path / "out").iterdir())

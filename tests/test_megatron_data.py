@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +115,7 @@ def test_rerun_replaces_and_zero_percent_split_is_empty(tokenizer_dir, shared_da
     assert {s: second["splits"][s]["documents"] for s in SPLITS} == {"train": 1, "validation": 1, "test": 1}
     assert sum(len(list(iter_split_tokens(prefix, s))) for s in SPLITS) == 3
     assert json.loads(sidecar_path(prefix).read_text())["input"] == str(small)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".general.lock"]
 
 
 def test_bad_inputs_are_refused_clearly(tokenizer_dir, tmp_path) -> None:
@@ -126,7 +133,8 @@ def test_bad_inputs_are_refused_clearly(tokenizer_dir, tmp_path) -> None:
     bad.write_text('{"body": "x"}\n')
     with pytest.raises(UserInputError, match="bad.jsonl:1"):
         build_megatron_data(DataConfig(tokenizer=tokenizer_dir, input=bad, output_prefix=out))
-    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
+    # nothing written but the lock file (kept, as for every stage output)
+    assert not list(tmp_path.glob("out*")) and [p.name for p in tmp_path.glob(".out*")] == [".out.lock"]
 
 
 def test_blend_is_what_megatron_parses() -> None:
@@ -140,3 +148,140 @@ def test_blend_is_what_megatron_parses() -> None:
     assert build_blend("/d/domain", None, 0.0)["validation"] == ["1", "/d/domain_validation_text_document"]
     with pytest.raises(UserInputError, match="needs a general data prefix"):
         build_blend("/d/domain", None, 0.09)
+
+
+# --- long documents, bad numbers, locks, leftovers and permissions (issue 12, items 5, 9, 14-16) -------------
+
+
+def _write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def _read_all(prefix: Path) -> list[list[int]]:
+    return [doc.tolist() for split in SPLITS for doc in iter_split_tokens(prefix, split)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_long_documents_are_encoded_in_pieces_with_the_ids_of_the_whole(
+        tokenizer_dir, domain_heldout, tmp_path, monkeypatch, workers) -> None:
+    from dapt import megatron_data
+
+    long_text = "\n".join(doc.text for doc in iter_documents(domain_heldout))  # 630 kB of real RTL and docs
+    texts = ["module short; endmodule", long_text, "assign a = b;", long_text[:9000]]
+    corpus = _write_jsonl(tmp_path / "long.jsonl", texts)
+    sp = load_sentencepiece(tokenizer_dir / "tokenizer.model")
+    expected = [sp.encode(t) + [sp.eos_id()] for t in texts]
+    uncut = tmp_path / "uncut" / "d"
+    config = DataConfig(tokenizer=tokenizer_dir, input=corpus, output_prefix=uncut, workers=workers,
+                        split_percent=(100.0, 0.0, 0.0))
+    monkeypatch.setattr(megatron_data, "_PIECE_CHARS", 10**9)  # every document whole, through add_document
+    build_megatron_data(config)
+    monkeypatch.setattr(megatron_data, "_PIECE_CHARS", 1000)  # 630 pieces for the long document
+    cut = tmp_path / "cut" / "d"
+    record = build_megatron_data(DataConfig(**{**config.__dict__, "output_prefix": cut}))
+    assert _read_all(cut) == expected
+    assert record["splits"]["train"] == {"documents": 4, "tokens": sum(map(len, expected))}
+    for suffix in (".bin", ".idx"):  # written piece by piece: the same bytes as add_document of the whole
+        assert file_sha256(split_prefix(cut, "train") + suffix) == file_sha256(split_prefix(uncut, "train") + suffix)
+
+
+def test_a_document_that_cannot_be_cut_is_refused_with_file_and_line(tokenizer_dir, tmp_path, monkeypatch,
+                                                                       capsys) -> None:
+    from dapt import megatron_data
+    from dapt.cli import main as cli
+
+    monkeypatch.setattr(megatron_data, "_PIECE_CHARS", 1000)
+    monkeypatch.setattr(megatron_data, "_MAX_PIECE_CHARS", 8000)
+    corpus = _write_jsonl(tmp_path / "dna.jsonl", ["module a; endmodule", "ACGT" * 5000])
+    prefix = tmp_path / "out" / "d"
+    assert cli(["data", "--tokenizer", str(tokenizer_dir), "--input", str(corpus), "--output-prefix",
+                str(prefix), "--workers", "1", "--split-percent", "100", "0", "0"]) == 2
+    assert f"{corpus}:2: no place to cut in the 8,000 characters from character 0" in capsys.readouterr().err
+    assert sorted(p.name for p in prefix.parent.iterdir()) == [".d.lock"]
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("workers", -1, r"--workers -1: give 0 \(one process per available CPU\)"),
+    ("seed", -5, "--seed -5: the split's seed must be an integer >= 0"),
+    ("split_percent", (0.0, 50.0, 50.0), r"--split-percent \[0.0, 50.0, 50.0\]: the train share"),
+    ("split_percent", (float("nan"), 1.0, 1.0), r"--split-percent \[nan, 1.0, 1.0\]: each share"),
+    ("text_keys", (), "--text-keys: give at least one JSON key"),
+])
+def test_numbers_that_cannot_work_are_refused_with_the_value(tokenizer_dir, domain_heldout, tmp_path, option,
+                                                             value, message) -> None:
+    config = DataConfig(tokenizer=tokenizer_dir, input=domain_heldout, output_prefix=tmp_path / "o" / "d")
+    setattr(config, option, value)
+    with pytest.raises(UserInputError, match=message):
+        build_megatron_data(config)
+    assert not (tmp_path / "o").exists()
+
+
+def test_workers_zero_means_every_available_cpu() -> None:
+    from dapt.megatron_data import resolve_workers
+
+    assert resolve_workers(0) == len(os.sched_getaffinity(0))
+    assert (resolve_workers(1), resolve_workers(3)) == (1, 3)
+
+
+def _data_command(tokenizer_dir: Path, corpus: Path, prefix: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dapt", "data", "--tokenizer", str(tokenizer_dir), "--input", str(corpus),
+            "--output-prefix", str(prefix), *extra]
+
+
+def test_a_second_run_into_the_same_prefix_is_refused_while_the_first_writes(built, tokenizer_dir,
+                                                                              domain_heldout) -> None:
+    from dapt.artifacts import output_lock
+
+    config, _ = built
+    before = {p.name: file_sha256(p) for p in Path(config.output_prefix).parent.glob("domain*")}
+    with output_lock(config.output_prefix, "data"):  # as a first `data` run holds it while it writes
+        result = subprocess.run(_data_command(tokenizer_dir, domain_heldout, config.output_prefix),
+                                capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "is being written right now by another `python -m dapt data` (pid" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert {p.name: file_sha256(p) for p in Path(config.output_prefix).parent.glob("domain*")} == before
+
+
+def test_a_killed_runs_partial_files_are_removed_by_the_next_run(tokenizer_dir, shared_data, tmp_path) -> None:
+    prefix = tmp_path / "out" / "domain"
+    command = _data_command(tokenizer_dir, shared_data / "domain" / "ibex.jsonl", prefix, "--workers", "1")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(prefix.parent.glob(".*.partial")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    left = sorted(p.name for p in prefix.parent.glob(".*.partial"))
+    assert left, "the run was not caught while writing"
+    other = prefix.parent / ".domain_x_train_text_document.bin.123-abcdef01.partial"  # another prefix's
+    other.write_bytes(b"")
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    assert sorted(p.name for p in prefix.parent.glob(".*.partial")) == [other.name]
+    assert check_data_matches_tokenizer(prefix, tokenizer_dir)["splits"]["train"]["documents"] > 0
+
+
+def test_finished_files_follow_the_umask_and_other_users_can_read_them(tokenizer_dir, domain_heldout) -> None:
+    root = Path(tempfile.mkdtemp(prefix="dapt-umask-", dir="/tmp"))  # outside pytest's private 0700 folder
+    old = os.umask(0o027)
+    try:
+        build_megatron_data(DataConfig(tokenizer=tokenizer_dir, input=domain_heldout, workers=1,
+                                       output_prefix=root / "private" / "d"))
+        os.umask(0o022)
+        build_megatron_data(DataConfig(tokenizer=tokenizer_dir, input=domain_heldout, workers=1,
+                                       output_prefix=root / "shared" / "d"))
+    finally:
+        os.umask(old)
+    try:
+        for folder, mode in (("private", 0o640), ("shared", 0o644)):
+            files = [p for p in (root / folder).iterdir() if not p.name.endswith(".lock")]
+            assert len(files) == 7
+            assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {oct(mode)}, folder
+        if os.geteuid() == 0:  # read them as another user (nobody), as a NeMo or NIM container would
+            os.chmod(root, 0o755)
+            files = [str(p) for p in (root / "shared").iterdir() if not p.name.endswith(".lock")]
+            nobody = subprocess.run(["head", "-c", "1", *files], user=65534, group=65534, capture_output=True)
+            assert nobody.returncode == 0, nobody.stderr
+    finally:
+        shutil.rmtree(root)

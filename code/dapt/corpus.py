@@ -1,21 +1,32 @@
 """Corpora: JSONL reading with clear errors, blob masking, and the embedded offline samples.
 
 Corpora are JSONL files (one JSON object a line, the text under a configurable key,
-``text`` by default), found recursively under a folder, as NeMo Curator writes them.
+``text`` by default), found recursively under a folder (symlinked sub-folders
+included), as NeMo Curator writes them. ``.jsonl.gz``, ``.jsonl.zst``, ``.jsonl.bz2``
+and ``.jsonl.xz`` files are decompressed while they are read (streamed, never
+whole); a UTF-8 byte-order mark at the start of a file is skipped.
 """
 
 from __future__ import annotations
 
 import ast
+import bz2
+import contextlib
+import gzip
 import hashlib
 import importlib
+import io
 import json
+import lzma
+import os
 import re
 import sysconfig
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from tqdm.auto import tqdm
 
@@ -48,37 +59,167 @@ class Document:
         return str(self.meta.get("source") or Path(self.path).stem)
 
 
+# Corpus file names, each with how it is opened; compressed files are streamed, never decompressed whole.
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2", ".jsonl.xz")
+_MAGIC = {  # leading bytes of compressed streams: a file named .jsonl that starts with one is refused clearly
+    b"\x1f\x8b": ("gzip", ".gz"),
+    b"\x28\xb5\x2f\xfd": ("zstd", ".zst"),
+    b"BZh": ("bzip2", ".bz2"),
+    b"\xfd7zXZ\x00": ("xz", ".xz"),
+}
+_UTF8_BOM = b"\xef\xbb\xbf"
+# the only way a str from json.loads can hold a lone surrogate is an escape like \ud800 in the line
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+ZSTD_HINT = "pip install zstandard==0.25.0"
+
+
+def is_jsonl_name(name: str) -> bool:
+    """True for the file names read as corpora: ``*.jsonl``, optionally compressed (see JSONL_SUFFIXES)."""
+    return name.endswith(JSONL_SUFFIXES)
+
+
+def _walk_jsonl(root: Path) -> Iterator[Path]:
+    """Corpus files under ``root``, following symlinked folders; each real folder is entered once (no loops)."""
+    seen: set[tuple[int, int]] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:
+            subfolders[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        subfolders.sort()
+        for name in names:
+            path = Path(folder) / name
+            if is_jsonl_name(name) and path.is_file():
+                yield path
+
+
 def find_jsonl_files(path: str | Path) -> list[Path]:
-    """All ``*.jsonl`` files under ``path`` (a file or a folder, any depth), sorted."""
+    """All corpus files under ``path`` (a file or a folder, any depth, symlinked folders followed), sorted.
+
+    Corpus files are ``*.jsonl`` and their compressed forms ``*.jsonl.gz``, ``.zst``, ``.bz2`` and ``.xz``.
+    """
     path = Path(path)
     if not path.exists():
         raise CorpusError(f"corpus path {path} does not exist; pass a folder of JSONL files.")
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+    files = sorted(_walk_jsonl(path))
     if not files:
         raise CorpusError(
-            f"corpus folder {path} holds no *.jsonl files; put JSONL records there "
-            "(for the embedded sample run `python -m dapt sample-data`)."
+            f"corpus folder {path} holds no *.jsonl files (nor .jsonl.gz/.zst/.bz2/.xz); put JSONL records "
+            "there (for the embedded sample run `python -m dapt sample-data`)."
         )
     return files
 
 
-def _parse_line(raw: bytes, path: Path, line_no: int, text_keys: tuple[str, ...]) -> Document | None:
+def _zstd_stream(raw: BinaryIO, path: Path) -> BinaryIO:
     try:
-        line = raw.decode("utf-8")
+        import zstandard
+    except ImportError:
+        raise CorpusError(
+            f"{path} is zstd-compressed and reading it needs the zstandard package: `{ZSTD_HINT}` "
+            "(or decompress it first: `zstd -d FILE`)."
+        ) from None
+    # read_across_frames: files written by parallel compressors (pzstd, zstd -T) hold several frames
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+    return io.BufferedReader(reader, buffer_size=1 << 20)
+
+
+def _compression_of(path: Path) -> str | None:
+    name = path.name
+    for suffix, kind in ((".gz", "gzip"), (".zst", "zstd"), (".bz2", "bzip2"), (".xz", "xz")):
+        if name.endswith(suffix):
+            return kind
+    return None
+
+
+@contextlib.contextmanager
+def open_corpus_file(path: str | Path) -> Iterator[BinaryIO]:
+    """The bytes of a corpus file, decompressed as it is read when its name ends in .gz/.zst/.bz2/.xz.
+
+    A compressed file whose name does not say so is refused with a message naming the fix.
+    """
+    path = Path(path)
+    kind = _compression_of(path)
+    if kind is None:
+        with open(path, "rb") as handle:
+            head = handle.read(6)
+            handle.seek(0)
+            for magic, (found, suffix) in _MAGIC.items():
+                if head.startswith(magic):
+                    raise CorpusError(
+                        f"{path} is {found}-compressed but its name does not say so; rename it to "
+                        f"{path.name}{suffix} (compressed corpora are read as they are) or decompress it."
+                    )
+            yield handle
+        return
+    openers = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}
+    stream = _zstd_stream(open(path, "rb"), path) if kind == "zstd" else openers[kind](path, "rb")  # noqa: SIM115
+    with stream:
+        yield stream
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error, lzma.LZMAError]
+    with contextlib.suppress(ImportError):
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    return tuple(errors)
+
+
+def _lone_surrogate(value, where: str) -> tuple[str, int, str] | None:
+    """(field, character index, escape) of the first lone surrogate in a parsed JSON value, or None."""
+    if isinstance(value, str):
+        match = _SURROGATE.search(value)
+        return (where, match.start(), f"\\u{ord(match.group()):04x}") if match else None
+    if isinstance(value, dict):
+        items = [(f"{where}.{key}" if where else str(key), item) for key, item in value.items()]
+        items += [(f"{where} key", key) for key in value]
+    elif isinstance(value, list):
+        items = [(f"{where}[{index}]", item) for index, item in enumerate(value)]
+    else:
+        return None
+    for name, item in items:
+        found = _lone_surrogate(item, name)
+        if found:
+            return found
+    return None
+
+
+def _parse_line(raw: bytes, path: Path, line_no: int, text_keys: tuple[str, ...]) -> Document | None:
+    if not raw or raw.isspace():
+        return None
+    # the line's own bytes, without a leading byte-order mark or the line break, decoded without copies
+    start = len(_UTF8_BOM) if line_no == 1 and raw.startswith(_UTF8_BOM) else 0
+    end = len(raw)
+    while end > start and raw[end - 1] in b"\r\n":
+        end -= 1
+    try:
+        line = str(memoryview(raw)[start:end], "utf-8")
     except UnicodeDecodeError as error:
         raise CorpusError(
-            f"{path}:{line_no}: bytes that are not UTF-8 at offset {error.start}; re-encode the file as UTF-8."
+            f"{path}:{line_no}: bytes that are not UTF-8 at offset {start + error.start}; "
+            "re-encode the file as UTF-8."
         ) from None
-    if not line.strip():
-        return None
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise CorpusError(f"{path}:{line_no}: malformed JSON ({error.msg} at column {error.colno}).") from None
+    del line
     if not isinstance(record, dict):
         raise CorpusError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}.")
+    if _SURROGATE_ESCAPE.search(raw):
+        found = _lone_surrogate(record, "")
+        if found:
+            field_name, index, escape = found
+            raise CorpusError(
+                f"{path}:{line_no}: field {field_name!r} holds a lone surrogate ({escape} at character {index}), "
+                "a JSON escape that is not a Unicode character and cannot be encoded or tokenized; fix the "
+                "program that wrote the file, or replace the escape (for example with \\ufffd) or drop the record."
+            )
     key = next((k for k in text_keys if k in record), None)
     if key is None:
         raise CorpusError(
@@ -93,12 +234,32 @@ def _parse_line(raw: bytes, path: Path, line_no: int, text_keys: tuple[str, ...]
 
 
 def iter_documents(path: str | Path, text_keys: Iterable[str] = ("text",)) -> Iterator[Document]:
-    """Yield every document under ``path``; raise :class:`CorpusError` on the first bad line."""
+    """Yield every document under ``path``; raise :class:`CorpusError` on the first bad line.
+
+    Files are streamed line by line (compressed ones decompressed as they are read), so memory
+    holds one line at a time whatever the corpus size.
+    """
     keys = tuple(text_keys)
+    if not keys:
+        raise CorpusError("no text keys given; pass --text-keys with at least one JSON key (e.g. text).")
+    broken = _decompression_errors()
     for file in find_jsonl_files(path):
-        with open(file, "rb") as handle:
-            for line_no, raw in enumerate(handle, start=1):
+        line_no = 0
+        with open_corpus_file(file) as handle:
+            lines = iter(handle)
+            while True:
+                try:
+                    raw = next(lines, None)
+                except broken as error:
+                    raise CorpusError(
+                        f"{file}:{line_no + 1}: cannot be read or decompressed ({error}); the file is damaged "
+                        "or truncated: fetch or compress it again."
+                    ) from None
+                if raw is None:
+                    break
+                line_no += 1
                 doc = _parse_line(raw, file, line_no, keys)
+                del raw  # a long line is not kept alive while its document is used
                 if doc is not None and doc.text:
                     yield doc
 

@@ -13,8 +13,13 @@ Outputs for ``--output-prefix PREFIX`` (the contract with ``train`` and ``launch
     PREFIX.dapt.json    tokenizer hash, vocab size, EOD id, dtype, per-split counts, parameters
 
 Documents are split train/validation/test by a seeded permutation (document level,
-deterministic). Encoding runs in worker processes, results come back in order.
-Everything is written under temporary names and renamed into place at the end.
+deterministic). Encoding runs in worker processes, results come back in order. A long
+document is encoded in pieces of about 16 Ki characters cut where the ids stay exactly those of the
+whole document (:mod:`dapt.piecewise`) and written piece by piece, so memory stays bounded
+(SentencePiece needs about 110 bytes per byte of one text it encodes). While the stage runs
+it holds a lock on the prefix (a second ``data`` into the same prefix is refused), removes a
+killed run's temporary files, writes everything under temporary names and renames it into
+place at the end; finished files follow the umask.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from dapt.artifacts import file_sha256, write_json
+from dapt import piecewise
+from dapt.artifacts import file_sha256, make_readable, output_lock, storage_errors_reported, write_json
 from dapt.config import DEFAULT_DOMAIN_DATA, DEFAULT_OUTPUTS, param
-from dapt.corpus import iter_documents
+from dapt.corpus import Document, iter_documents
 from dapt.errors import UserInputError
 
 SPLITS = ("train", "validation", "test")
@@ -62,8 +68,9 @@ class DataConfig:
     text_keys: tuple[str, ...] = param(("text",), "JSON keys holding the text; the first present one is used")
     split_percent: tuple[float, ...] = param((98.0, 1.0, 1.0),
                                              "train, validation, test shares of documents, summing to 100")
-    seed: int = param(1234, "seed of the document-level split")
-    workers: int = param(0, "encoding processes; 0 = one per available CPU, 1 = encode in this process")
+    seed: int = param(1234, "seed of the document-level split (an integer >= 0)")
+    workers: int = param(0, "encoding processes: 0 (the default) = one per CPU this process may use, "
+                            "1 = encode in this process, N > 1 = N worker processes; negative is refused")
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------------
@@ -117,7 +124,7 @@ def _check_split_percent(split_percent: tuple[float, ...]) -> tuple[float, float
             f"--split-percent {list(split_percent)}: each share must be >= 0 and the sum must be 100."
         )
     if split_percent[0] <= 0:
-        raise UserInputError("--split-percent: the train share must be above 0.")
+        raise UserInputError(f"--split-percent {list(split_percent)}: the train share must be above 0.")
     return float(split_percent[0]), float(split_percent[1]), float(split_percent[2])
 
 
@@ -154,54 +161,93 @@ def assign_splits(num_documents: int, split_percent: tuple[float, ...], seed: in
 
 # --- parallel encoding ------------------------------------------------------------------------------------
 
-_worker_sp = None
+# A unit of work is one piece of a document: (text, is_first, is_last); a short document is one piece.
+Piece = tuple[str, bool, bool]
+_PIECE_CHARS = piecewise.PIECE_CHARS
+_MAX_PIECE_CHARS = piecewise.MAX_PIECE_CHARS
+_worker_encoder: piecewise.PieceEncoder | None = None
 _worker_dtype: Any = None
 
 
 def _init_worker(model_path: str, dtype_name: str) -> None:
-    global _worker_sp, _worker_dtype
-    import sentencepiece as spm
-
-    _worker_sp = spm.SentencePieceProcessor(model_file=model_path)
+    global _worker_encoder, _worker_dtype
+    _worker_encoder = piecewise.PieceEncoder(model_path)
     _worker_dtype = np.dtype(dtype_name)
 
 
-def _encode_batch(texts: list[str]) -> list[np.ndarray]:
-    """Encode a batch of documents in a worker; one thread per worker process."""
-    eod = _worker_sp.eos_id()
-    ids = _worker_sp.encode(texts, num_threads=1)
-    return [np.array([*doc, eod], dtype=_worker_dtype) for doc in ids]
+def _encode_batch(pieces: list[Piece]) -> list[tuple[np.ndarray, bool]]:
+    """Encode a batch of pieces in a worker (one thread each): ``(ids, is_last)``, EOD after a document's end.
+
+    Whole documents are encoded in one call; other pieces each with the processor their place needs.
+    """
+    encoder = _worker_encoder
+    eod = encoder.whole.eos_id()
+    whole = [index for index, (_, first, last) in enumerate(pieces) if first and last]
+    ids: list[list[int] | None] = [None] * len(pieces)
+    for index, encoded in zip(whole, encoder.whole.encode([pieces[i][0] for i in whole], num_threads=1),
+                              strict=True):
+        ids[index] = encoded
+    for index, (text, first, last) in enumerate(pieces):
+        if ids[index] is None:
+            ids[index] = encoder.processor_for(first, last).encode(text)
+    return [(np.array([*doc, eod] if last else doc, dtype=_worker_dtype), last)
+            for doc, (_, _, last) in zip(ids, pieces, strict=True)]
 
 
-def _batches(texts: Iterable[str], max_bytes: int = _BATCH_BYTES) -> Iterator[list[str]]:
-    batch: list[str] = []
+def document_pieces(docs: Iterable[Document], encoder: piecewise.PieceEncoder) -> Iterator[Piece]:
+    """Every document as its pieces (long ones cut at safe places), in order; uncuttable ones name file:line."""
+    for doc in docs:
+        try:
+            yield from encoder.pieces(doc.text)
+        except piecewise.UncuttableTextError as error:
+            raise piecewise.UncuttableTextError(f"{doc.path}:{doc.line}: {error}") from None
+
+
+def _batches(pieces: Iterable[Piece], max_chars: int = _BATCH_BYTES) -> Iterator[list[Piece]]:
+    batch: list[Piece] = []
     size = 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if size >= max_bytes:
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
+        if size >= max_chars:
             yield batch
             batch, size = [], 0
     if batch:
         yield batch
 
 
-def encode_documents(texts: Iterable[str], model_path: str | os.PathLike, dtype: type,
-                     workers: int) -> Iterator[np.ndarray]:
-    """Token ids + EOD of each text, in input order; ``workers`` > 1 encodes in a process pool."""
-    batches = _batches(texts)
+def encode_pieces(docs: Iterable[Document], model_path: str | os.PathLike, dtype: type,
+                  workers: int) -> Iterator[tuple[np.ndarray, bool]]:
+    """``(ids, is_last)`` of every piece of every document, in input order (EOD ends each document).
+
+    ``workers`` > 1 encodes in a process pool; documents are cut into pieces here, in this process.
+    """
+    encoder = piecewise.PieceEncoder(model_path, piece_chars=_PIECE_CHARS, max_piece_chars=_MAX_PIECE_CHARS)
+    batches = _batches(document_pieces(docs, encoder))
+    init_args = (str(model_path), np.dtype(dtype).name)
     if workers <= 1:
-        _init_worker(str(model_path), np.dtype(dtype).name)
+        _init_worker(*init_args)
         for batch in batches:
             yield from _encode_batch(batch)
         return
     # fork where available: the workers start at once and share the already imported modules
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    init_args = (str(model_path), np.dtype(dtype).name)
     pool_context = multiprocessing.get_context(method)
     with pool_context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
         for encoded in pool.imap(_encode_batch, batches, chunksize=1):
             yield from encoded
+
+
+def resolve_workers(workers: int) -> int:
+    """Worker processes for ``--workers``: 0 means one per CPU this process may run on; negative is refused."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise UserInputError(
+            f"--workers {workers!r}: give 0 (one process per available CPU), 1 (encode in this process) "
+            "or a number of worker processes."
+        )
+    if workers:
+        return workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # --- output files -----------------------------------------------------------------------------------------
@@ -222,8 +268,41 @@ def _temp_name(path: str, token: str) -> str:
     return os.path.join(folder, f".{name}.{token}.partial")
 
 
-def _write_splits(prefix: str, docs: Iterator[np.ndarray], assignment: np.ndarray, dtype: type,
-                  token: str, temps: dict[str, str]) -> dict[str, dict[str, int]]:
+class _DocumentWriter:
+    """Feeds pieces to megatron's builders: a document of one piece through ``add_document``; a longer one
+    piece by piece, then recorded as one sequence, as ``add_document`` would (same bytes, bounded memory)."""
+
+    def __init__(self, builders: list, assignment: np.ndarray):
+        self.builders, self.assignment = builders, assignment
+        self.documents = 0
+        self.pending = 0  # tokens already written of the current document
+        self.counts = {split: {"documents": 0, "tokens": 0} for split in SPLITS}
+
+    def add(self, ids: np.ndarray, last: bool) -> None:
+        if self.documents >= len(self.assignment):
+            raise UserInputError("input changed while being read (more documents than counted); run the stage "
+                                 "again.")
+        split_index = int(self.assignment[self.documents])
+        builder = self.builders[split_index]
+        if last and not self.pending:
+            builder.add_document(ids, [ids.size])  # one sequence per document, as NeMo's preprocessing writes
+        else:
+            # megatron-core 0.8 and 0.16 alike: add_document writes the array to data_file, then
+            # extends sequence_lengths and appends to document_indices; the same, in parts
+            builder.data_file.write(np.asarray(ids, dtype=builder.dtype).tobytes(order="C"))
+            if last:
+                builder.sequence_lengths.append(self.pending + ids.size)
+                builder.document_indices.append(len(builder.sequence_lengths))
+        self.pending = 0 if last else self.pending + ids.size
+        if last:
+            total = self.counts[SPLITS[split_index]]
+            total["documents"] += 1
+            total["tokens"] += int(builder.sequence_lengths[-1])
+            self.documents += 1
+
+
+def _write_splits(prefix: str, pieces: Iterator[tuple[np.ndarray, bool]], assignment: np.ndarray,
+                  dtype: type, token: str, temps: dict[str, str]) -> dict[str, dict[str, int]]:
     """Write every split with megatron's builder under temporary names (recorded in ``temps``)."""
     IndexedDatasetBuilder = _indexed_dataset_module().IndexedDatasetBuilder  # noqa: N806
 
@@ -233,22 +312,27 @@ def _write_splits(prefix: str, docs: Iterator[np.ndarray], assignment: np.ndarra
         temps[final + ".bin"] = _temp_name(final + ".bin", token)
         temps[final + ".idx"] = _temp_name(final + ".idx", token)
         builders.append(IndexedDatasetBuilder(temps[final + ".bin"], dtype=dtype))
-    counts = {split: {"documents": 0, "tokens": 0} for split in SPLITS}
-    for index, ids in enumerate(docs):
-        split_index = int(assignment[index])
-        # one sequence per document; add_document takes an array and the sequence lengths
-        builders[split_index].add_document(ids, [ids.size])
-        counts[SPLITS[split_index]]["documents"] += 1
-        counts[SPLITS[split_index]]["tokens"] += int(ids.size)
+    writer = _DocumentWriter(builders, assignment)
+    for ids, last in pieces:
+        writer.add(ids, last)
     for split, builder in zip(SPLITS, builders, strict=True):
         builder.finalize(temps[split_prefix(prefix, split) + ".idx"])
-    return counts
+    return writer.counts
 
 
-def _counted(items: Iterator[np.ndarray], progress: tqdm) -> Iterator[np.ndarray]:
-    for item in items:
-        progress.update(1)
-        yield item
+def _counted(pieces: Iterator[tuple[np.ndarray, bool]], progress: tqdm) -> Iterator[tuple[np.ndarray, bool]]:
+    for ids, last in pieces:
+        if last:
+            progress.update(1)
+        yield ids, last
+
+
+def leftover_patterns(prefix: str | os.PathLike) -> list[str]:
+    """Glob patterns (beside the prefix) of the temporary files a killed run of this prefix leaves."""
+    name = Path(prefix).name
+    token = "[0-9]*-" + "?" * 8
+    finals = [f"{name}_{split}_text_document{ext}" for split in SPLITS for ext in (".bin", ".idx")]
+    return [f".{final}.{token}.partial" for final in [*finals, name + SIDECAR_SUFFIX]]
 
 
 def _file_record(prefix: str) -> dict[str, dict[str, Any]]:
@@ -271,22 +355,41 @@ def _cleanup(paths: Iterable[str]) -> None:
 # --- the stage --------------------------------------------------------------------------------------------
 
 
+def _check_config(config: DataConfig) -> int:
+    """Refuse parameters that cannot work (naming the user's value); return the number of workers."""
+    _check_split_percent(config.split_percent)
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise UserInputError(f"--seed {config.seed!r}: the split's seed must be an integer >= 0.")
+    if not config.text_keys:
+        raise UserInputError("--text-keys: give at least one JSON key holding the text (e.g. text).")
+    return resolve_workers(config.workers)
+
+
 def build_megatron_data(config: DataConfig) -> dict[str, Any]:
     """Tokenize ``config.input`` into ``PREFIX_<split>_text_document.bin/.idx`` and ``PREFIX.dapt.json``.
 
-    Returns the sidecar record. Rerunning replaces the files of the same prefix.
+    Returns the sidecar record. Rerunning replaces the files of the same prefix; a second run into
+    the same prefix at the same time is refused (:func:`dapt.artifacts.output_lock`).
     """
+    workers = _check_config(config)
     model_path = tokenizer_model_path(config.tokenizer)
     sp = load_sentencepiece(model_path)
     vocab_size, eod_id = sp.get_piece_size(), sp.eos_id()
     if eod_id < 0:
         raise UserInputError(f"tokenizer: {model_path} has no end-of-sentence piece to mark documents with.")
+    # Imports megatron-core before the lock: under torch 2.3 that import forks torch inductor's compile
+    # workers, which live as long as this process and would hold on to a lock opened before them.
     dtype = token_dtype(vocab_size)
-    _check_split_percent(config.split_percent)
     text_keys = tuple(config.text_keys)
-    workers = config.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                 else os.cpu_count() or 1)
+    prefix = os.fspath(Path(config.output_prefix).absolute())
+    with storage_errors_reported(prefix), output_lock(prefix, "data", leftovers=leftover_patterns(prefix)):
+        record = _build_locked(config, prefix, model_path, vocab_size, eod_id, dtype, text_keys, workers)
+    print(json.dumps({"output_prefix": prefix, "dtype": record["dtype"], "splits": record["splits"]}, indent=2))
+    return record
 
+
+def _build_locked(config: DataConfig, prefix: str, model_path: Path, vocab_size: int, eod_id: int,
+                  dtype: type, text_keys: tuple[str, ...], workers: int) -> dict[str, Any]:
     # Pass 1: count documents (and surface corpus errors with file:line) to fix the split.
     num_documents = sum(1 for _ in tqdm(iter_documents(config.input, text_keys), desc="counting documents",
                                         unit=" docs", leave=False))
@@ -294,16 +397,14 @@ def build_megatron_data(config: DataConfig) -> dict[str, Any]:
         raise UserInputError(f"input: {config.input} has no non-empty text under keys {list(text_keys)}.")
     assignment = assign_splits(num_documents, config.split_percent, config.seed)
 
-    prefix = os.fspath(Path(config.output_prefix).absolute())
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     token = f"{os.getpid()}-{os.urandom(4).hex()}"
-    texts = (doc.text for doc in iter_documents(config.input, text_keys))
     progress = tqdm(total=num_documents, desc=f"tokenizing {Path(prefix).name}", unit=" docs")
-    docs = _counted(encode_documents(texts, model_path, dtype, workers), progress)
+    pieces = _counted(encode_pieces(iter_documents(config.input, text_keys), model_path, dtype, workers),
+                      progress)
     temps: dict[str, str] = {}
     sidecar_tmp = _temp_name(os.fspath(sidecar_path(prefix)), token)
     try:
-        counts = _write_splits(prefix, docs, assignment, dtype, token, temps)
+        counts = _write_splits(prefix, pieces, assignment, dtype, token, temps)
         progress.close()
         if sum(c["documents"] for c in counts.values()) != num_documents:
             raise UserInputError(f"input: {config.input} changed while being read; run the stage again.")
@@ -327,6 +428,7 @@ def build_megatron_data(config: DataConfig) -> dict[str, Any]:
         # The old sidecar goes first: a crash between renames leaves no record, never a stale one.
         _cleanup([os.fspath(sidecar_path(prefix))])
         for final, temp in temps.items():
+            make_readable(temp)
             os.replace(temp, final)
         record["files"] = _file_record(prefix)
         write_json(sidecar_tmp, record)
@@ -335,7 +437,6 @@ def build_megatron_data(config: DataConfig) -> dict[str, Any]:
         progress.close()
         _cleanup([*temps.values(), sidecar_tmp])
         raise
-    print(json.dumps({"output_prefix": prefix, "dtype": record["dtype"], "splits": counts}, indent=2))
     return record
 
 
