@@ -115,7 +115,7 @@ def test_rerun_replaces_and_zero_percent_split_is_empty(tokenizer_dir, shared_da
     assert {s: second["splits"][s]["documents"] for s in SPLITS} == {"train": 1, "validation": 1, "test": 1}
     assert sum(len(list(iter_split_tokens(prefix, s))) for s in SPLITS) == 3
     assert json.loads(sidecar_path(prefix).read_text())["input"] == str(small)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".general.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_bad_inputs_are_refused_clearly(tokenizer_dir, tmp_path) -> None:
@@ -133,8 +133,8 @@ def test_bad_inputs_are_refused_clearly(tokenizer_dir, tmp_path) -> None:
     bad.write_text('{"body": "x"}\n')
     with pytest.raises(UserInputError, match="bad.jsonl:1"):
         build_megatron_data(DataConfig(tokenizer=tokenizer_dir, input=bad, output_prefix=out))
-    # nothing written but the lock file (kept, as for every stage output)
-    assert not list(tmp_path.glob("out*")) and [p.name for p in tmp_path.glob(".out*")] == [".out.lock"]
+    # nothing written, not even the lock file (removed when the stage ends)
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
 
 
 def test_blend_is_what_megatron_parses() -> None:
@@ -198,7 +198,7 @@ def test_a_document_that_cannot_be_cut_is_refused_with_file_and_line(tokenizer_d
     assert cli(["data", "--tokenizer", str(tokenizer_dir), "--input", str(corpus), "--output-prefix",
                 str(prefix), "--workers", "1", "--split-percent", "100", "0", "0"]) == 2
     assert f"{corpus}:2: no place to cut in the 8,000 characters from character 0" in capsys.readouterr().err
-    assert sorted(p.name for p in prefix.parent.iterdir()) == [".d.lock"]
+    assert sorted(p.name for p in prefix.parent.iterdir()) == []
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [
