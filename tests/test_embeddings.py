@@ -18,15 +18,8 @@ from dapt.basemodel import BaseModelConfig, build_base_model
 from dapt.cli import main
 from dapt.compat import sentencepiece_model_pb2
 from dapt.corpus import iter_documents
-from dapt.embeddings import (
-    EMBED,
-    LM_HEAD,
-    EmbeddingsConfig,
-    EmbeddingsError,
-    extend_embeddings,
-    subtoken_encoder,
-    subtoken_ids,
-)
+from dapt.embeddings import EMBED, LM_HEAD, EmbeddingsConfig, EmbeddingsError, extend_embeddings
+from dapt.embeddings.init_rules import column_mean_and_std, subtoken_encoder, subtoken_ids
 
 
 @pytest.fixture(scope="module")
@@ -343,10 +336,6 @@ def test_output_folder_holding_another_run(
 
 def test_block_statistics_leave_a_float32_matrix_untouched() -> None:
     """Row blocks are copies: with float32 weights and several blocks, the source matrix must not change."""
-    import torch
-
-    from dapt.embeddings import column_mean_and_std
-
     matrix = torch.randn(2500, 16, generator=torch.Generator().manual_seed(0))
     before = matrix.clone()
     mean, std = column_mean_and_std(matrix)
