@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dapt.artifacts import file_sha256, jsonable, require_stage, stage_output, write_json
-from dapt.config import CODE_DIR, DEFAULT_OUTPUTS, param
+from dapt.config import CODE_DIR, DEFAULT_OUTPUTS, PROFILES, param
 from dapt.embeddings.checkpoint import (
     EMBED,
     INDEX,
@@ -79,7 +79,9 @@ class EmbeddingsConfig:
     )
     untie_embeddings: bool = param(False, "write a separate lm_head.weight for a model with tied embeddings")
     vocab_multiple: int = param(
-        128, "require the new vocabulary to be a multiple of this (128 x TP for NeMo)"
+        128 * PROFILES["tiny"].max_tensor_parallel,
+        "require the new vocabulary to be a multiple of this: 128 x the largest tensor-parallel size, as the "
+        "tokenizer stage pads it (--max-tensor-parallel); 1 accepts any size",
     )
     seed: int = param(0, "seed for --input-init random")
     link_shards: bool = param(True, "hard-link unchanged shards instead of copying them")
