@@ -115,6 +115,7 @@ def test_tied_mean_extension_keeps_original_rows_and_logits(
     sanity = report["sanity_check"]
     assert sanity["loads"] and sanity["original_logits_max_abs_diff"] == 0.0
     assert sanity["heldout_tokens_extended"] < sanity["heldout_tokens_base"]
+    assert sanity["heldout_bits_per_byte_extended_on_base_tokens"] > sanity["heldout_bits_per_byte_base"]
     assert 0 < sanity["heldout_bits_per_byte_extended"] < 20
     assert json.loads((tied_mean / "manifest.json").read_text())["stage"] == "embeddings"
 
@@ -398,7 +399,18 @@ def test_small_model_offline(small: dict[str, Path], tmp_path: Path) -> None:
     assert new[EMBED].shape == new[LM_HEAD].shape == (512, 32)
     assert torch.equal(new[EMBED][:400], old[EMBED]) and torch.equal(new[LM_HEAD][:400], old[LM_HEAD])
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["vocab_size"] == 512 and report["sanity_check"]["original_logits_max_abs_diff"] == 0.0
+    sanity = report["sanity_check"]
+    assert report["vocab_size"] == 512 and sanity["original_logits_max_abs_diff"] == 0.0
+    # on the base model's own tokens the new rows only take probability mass away: strictly worse
+    assert sanity["heldout_bits_per_byte_extended_on_base_tokens"] > sanity["heldout_bits_per_byte_base"]
+    assert 0 < sanity["heldout_new_token_share"] < 1
+    assert run_cli(small, tmp_path / "out", "--no-sanity-check") == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["sanity_check"] == {
+        "skipped": "--no-sanity-check"
+    }
+    assert run_cli(small, tmp_path / "out", "--sanity-max-bytes", "1000") == 0
+    skipped = json.loads((tmp_path / "out" / "report.json").read_text())["sanity_check"]["skipped"]
+    assert skipped.endswith("bytes) exceed --sanity-max-bytes 1000")
 
 
 def test_defaults_are_the_notebooks() -> None:

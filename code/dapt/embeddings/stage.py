@@ -126,7 +126,7 @@ def tokenizer_files(config: EmbeddingsConfig, checkpoint: Checkpoint) -> Tokeniz
             f"--tokenizer {adapted_folder} is not a folder; pass the output folder of `python -m dapt tokenizer`"
             " (it holds tokenizer.model and domain_tokens.json)."
         )
-    require_stage(adapted_folder, "tokenizer", f"--tokenizer {adapted_folder}")
+    require_stage(adapted_folder, "tokenizer", "--tokenizer")
     files = TokenizerFiles(
         base=Path(config.base_tokenizer or checkpoint.folder / "tokenizer.model"),
         base_given=config.base_tokenizer is not None,
@@ -327,10 +327,16 @@ def extend_embeddings(config: EmbeddingsConfig) -> Path:
                 texts,
             )
         else:
-            report["sanity_check"] = "skipped" + ("" if config.sanity_check else " (--no-sanity-check)")
+            report["sanity_check"] = {"skipped": _skip_reason(config, total_size)}
         write_json(folder / "report.json", report)
     print(json.dumps({k: v for k, v in report.items() if k not in ("row_norms",)}, indent=1))
     return Path(config.output)
+
+
+def _skip_reason(config: EmbeddingsConfig, total_size: int) -> str:
+    if not config.sanity_check:
+        return "--no-sanity-check"
+    return f"the extended weights ({total_size} bytes) exceed --sanity-max-bytes {config.sanity_max_bytes}"
 
 
 def _write_shards(
