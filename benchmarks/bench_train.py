@@ -63,6 +63,7 @@ def prepare(work: Path, added: int) -> dict[str, Path]:
     if not (paths["extended"] / "manifest.json").is_file():
         extend_embeddings(EmbeddingsConfig(base_model=paths["base"], tokenizer=paths["tokenizer"],
                                            output=paths["extended"], input_init="mean", output_init="mean",
+                                           vocab_multiple=128,
                                            sanity_check=False))
     for name in ("domain", "general"):
         if not Path(f"{paths[name]}.dapt.json").is_file():

@@ -88,6 +88,25 @@ def test_llama2c_conversion_matches_reference_forward(stories260k: Path, stories
     assert hf.abs().max().item() > 1.0  # real logits, not a degenerate all-zero model
 
 
+def test_llama2c_conversion_records_float32_without_deprecation_warnings(
+    stories260k: Path, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """transformers 4.57 renamed ``torch_dtype`` to ``dtype``; 4.40 knows only ``torch_dtype``: neither warns."""
+    import transformers
+
+    build_base_model(
+        BaseModelConfig(
+            output=tmp_path / "m",
+            llama2c_checkpoint=stories260k / "stories260K.bin",
+            llama2c_tokenizer=stories260k / "tok512.model",
+        )
+    )
+    assert "deprecated" not in capfd.readouterr().err
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    key = "torch_dtype" if transformers.__version__.startswith("4.40") else "dtype"
+    assert config[key] == "float32"
+
+
 def test_llama2c_greedy_story(stories_hf: Path) -> None:
     from transformers import LlamaForCausalLM
 
@@ -223,9 +242,56 @@ def test_tiny_model_trains_deterministically_and_is_cached(
 def test_tiny_model_bad_inputs(
     tiny_inputs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    code = main(
-        ["base-model", "--tokenizer", str(tmp_path / "missing.model"), "--output", str(tmp_path / "o")]
-    )
-    assert code == 2 and "base-tokenizer" in capsys.readouterr().err
+    missing = tmp_path / "missing.model"
+    code = main(["base-model", "--tokenizer", str(missing), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "base-tokenizer" in err
+    assert f"--tokenizer {missing} does not exist" in err and "pass --tokenizer" not in err  # the user just did
     with pytest.raises(UserInputError, match="num-heads"):
         build_base_model(tiny_config(tiny_inputs, tmp_path / "o", num_heads=3))
+    with pytest.raises(UserInputError, match=f"--general-data {tmp_path / 'nowhere'} does not exist"):
+        build_base_model(tiny_config(tiny_inputs, tmp_path / "o", general_data=tmp_path / "nowhere"))
+    code = main(["base-model", "--llama2c-tokenizer", str(missing), "--output", str(tmp_path / "o")])
+    assert code == 2 and f"--llama2c-tokenizer {missing} is only used with --llama2c-checkpoint" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--num-heads", "0"], "--num-heads 0 must be at least 1"),
+        (["--num-kv-heads", "0"], "--num-kv-heads 0 must be at least 1"),
+        (["--steps", "0"], "--steps 0 must be at least 1"),
+        (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+        (["--threads", "0"], "--threads 0 must be at least 1"),
+        (["--seq-length", "0"], "--seq-length 0 must be at least 1"),
+        (["--learning-rate", "-0.001"], "--learning-rate -0.001 must be a positive number"),
+        (["--learning-rate", "nan"], "--learning-rate nan must be a positive number"),
+        (["--warmup-steps", "-1"], "--warmup-steps -1 must be 0 or more"),
+        (["--seed", "-1"], "--seed -1 must be from 0 to"),
+        (["--hidden-size", "30", "--num-heads", "2", "--num-kv-heads", "1"], "gives heads of 15 dimensions"),
+    ],
+)
+def test_tiny_numbers_that_cannot_work_are_refused(
+    tiny_inputs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, options: list[str], message: str
+) -> None:
+    general, tokenizer = tiny_inputs
+    argv = ["base-model", "--tokenizer", str(tokenizer), "--general-data", str(general)]
+    argv += ["--output", str(tmp_path / "o")]
+    assert main([*argv, "--steps", "2", "--seq-length", "16", "--batch-size", "2", *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_defaults_are_the_notebooks() -> None:
+    """`python -m dapt base-model` with no options: the tiny notebook's call (its base tokenizer and data)."""
+    from dapt.config import DEFAULT_GENERAL_DATA, DEFAULT_OUTPUTS
+    from dapt.tokenizer import BaseTokenizerConfig
+
+    config = BaseModelConfig()
+    assert config.tokenizer == BaseTokenizerConfig().output / "tokenizer.model"
+    assert config.general_data == DEFAULT_GENERAL_DATA == BaseTokenizerConfig().general_data
+    assert config.output == DEFAULT_OUTPUTS / "tiny" / "base_model"
+    assert config.llama2c_checkpoint is None and not config.tie_embeddings

@@ -18,15 +18,8 @@ from dapt.basemodel import BaseModelConfig, build_base_model
 from dapt.cli import main
 from dapt.compat import sentencepiece_model_pb2
 from dapt.corpus import iter_documents
-from dapt.embeddings import (
-    EMBED,
-    LM_HEAD,
-    EmbeddingsConfig,
-    EmbeddingsError,
-    extend_embeddings,
-    subtoken_encoder,
-    subtoken_ids,
-)
+from dapt.embeddings import EMBED, LM_HEAD, EmbeddingsConfig, EmbeddingsError, extend_embeddings
+from dapt.embeddings.init_rules import column_mean_and_std, subtoken_encoder, subtoken_ids
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +115,7 @@ def test_tied_mean_extension_keeps_original_rows_and_logits(
     sanity = report["sanity_check"]
     assert sanity["loads"] and sanity["original_logits_max_abs_diff"] == 0.0
     assert sanity["heldout_tokens_extended"] < sanity["heldout_tokens_base"]
+    assert sanity["heldout_bits_per_byte_extended_on_base_tokens"] > sanity["heldout_bits_per_byte_base"]
     assert 0 < sanity["heldout_bits_per_byte_extended"] < 20
     assert json.loads((tied_mean / "manifest.json").read_text())["stage"] == "embeddings"
 
@@ -343,13 +337,187 @@ def test_output_folder_holding_another_run(
 
 def test_block_statistics_leave_a_float32_matrix_untouched() -> None:
     """Row blocks are copies: with float32 weights and several blocks, the source matrix must not change."""
-    import torch
-
-    from dapt.embeddings import column_mean_and_std
-
     matrix = torch.randn(2500, 16, generator=torch.Generator().manual_seed(0))
     before = matrix.clone()
     mean, std = column_mean_and_std(matrix)
     assert torch.equal(matrix, before)
     assert torch.allclose(mean, before.mean(dim=0), atol=1e-5)
     assert abs(std - before.std(unbiased=False).item()) < 1e-4
+
+
+# --- offline (no ../shared): a small random Llama and an adapted tokenizer built here ---------------
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 400-piece SentencePiece model on the general sample, a random untied Llama with that vocabulary,
+    and an adapted tokenizer: the 400 pieces + frequent words of the held-out domain sample, padded to 512."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dapt.corpus import DEFAULT_HELDOUT, general_sample_records
+
+    root = tmp_path_factory.mktemp("small")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(r["text"] for r in general_sample_records(150_000)),
+        model_prefix=str(root / "tok"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        num_threads=1,
+        minloglevel=2,
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    model = root / "model"
+    LlamaForCausalLM(config).save_pretrained(str(model))
+    shutil.copy(root / "tok.model", model / "tokenizer.model")
+    texts = [doc.text for doc in iter_documents(DEFAULT_HELDOUT / "domain")]
+    pieces = frequent_word_pieces(root / "tok.model", texts, 100)
+    adapted = build_adapted_tokenizer(root / "tok.model", pieces, root / "adapted", multiple=128)
+    return {"model": model, "tokenizer": adapted, "heldout": DEFAULT_HELDOUT / "domain", "root": root}
+
+
+def run_cli(small: dict[str, Path], output: Path, *options: str) -> int:
+    argv = ["embeddings", "--base-model", str(small["model"]), "--tokenizer", str(small["tokenizer"])]
+    return main([*argv, "--output", str(output), "--heldout", str(small["heldout"]), "--vocab-multiple", "128",
+                 *options])
+
+
+def test_small_model_offline(small: dict[str, Path], tmp_path: Path) -> None:
+    assert run_cli(small, tmp_path / "out", "--sanity-documents", "2") == 0
+    old = load_file(str(small["model"] / "model.safetensors"))
+    new = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert new[EMBED].shape == new[LM_HEAD].shape == (512, 32)
+    assert torch.equal(new[EMBED][:400], old[EMBED]) and torch.equal(new[LM_HEAD][:400], old[LM_HEAD])
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    sanity = report["sanity_check"]
+    assert report["vocab_size"] == 512 and sanity["original_logits_max_abs_diff"] == 0.0
+    # on the base model's own tokens the new rows only take probability mass away: strictly worse
+    assert sanity["heldout_bits_per_byte_extended_on_base_tokens"] > sanity["heldout_bits_per_byte_base"]
+    assert 0 < sanity["heldout_new_token_share"] < 1
+    assert run_cli(small, tmp_path / "out", "--no-sanity-check") == 0
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["sanity_check"] == {
+        "skipped": "--no-sanity-check"
+    }
+    assert run_cli(small, tmp_path / "out", "--sanity-max-bytes", "1000") == 0
+    skipped = json.loads((tmp_path / "out" / "report.json").read_text())["sanity_check"]["skipped"]
+    assert skipped.endswith("bytes) exceed --sanity-max-bytes 1000")
+
+
+def test_defaults_are_the_notebooks() -> None:
+    """`python -m dapt embeddings` with no options: the tiny notebook's call (vocab_multiple=128 * 8 ...)."""
+    from dapt.config import CODE_DIR, DEFAULT_OUTPUTS, get_profile
+
+    config = EmbeddingsConfig()
+    assert config.vocab_multiple == 128 * get_profile("tiny").max_tensor_parallel == 1024
+    assert (config.input_init, config.output_init) == ("mean", "zero")
+    assert config.base_model == DEFAULT_OUTPUTS / "tiny" / "base_model"
+    assert config.tokenizer == DEFAULT_OUTPUTS / "tiny" / "tokenizer"
+    assert config.output == DEFAULT_OUTPUTS / "tiny" / "extended_model"
+    assert config.heldout == CODE_DIR / "heldout" / "domain"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--vocab-multiple", "0"], "--vocab-multiple 0 must be at least 1"),
+        (["--vocab-multiple", "-128"], "--vocab-multiple -128 must be at least 1"),
+        (["--sanity-documents", "0"], "--sanity-documents 0 must be at least 1"),
+        (["--sanity-max-bytes", "-1"], "--sanity-max-bytes -1 must be 0 or more"),
+        (["--seed", "-1"], "--seed -1 must be from 0 to"),
+    ],
+)
+def test_numbers_that_cannot_work_are_refused(
+    small: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, options: list[str], message: str
+) -> None:
+    assert run_cli(small, tmp_path / "out", *options) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_names_outside_the_choices_are_refused(small: dict[str, Path], tmp_path: Path) -> None:
+    """From Python (no argparse choices) an unknown rule name used to fall back to `mean` silently."""
+    config = EmbeddingsConfig(base_model=small["model"], tokenizer=small["tokenizer"], output=tmp_path / "o",
+                              output_init="Zero", vocab_multiple=128)  # type: ignore[arg-type]
+    with pytest.raises(EmbeddingsError, match="--output-init 'Zero' is not one of zero, mean"):
+        extend_embeddings(config)
+
+
+def _message(small: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, *options: str) -> str:
+    argv = ["embeddings", "--base-model", str(small["model"]), "--tokenizer", str(small["tokenizer"]),
+            "--output", str(tmp_path / "out"), "--heldout", str(small["heldout"]), "--vocab-multiple", "128"]
+    assert main([*argv, *options]) == 2  # later options override the ones above
+    assert not (tmp_path / "out").exists()
+    return capsys.readouterr().err
+
+
+def test_messages_name_the_users_value(
+    small: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    missing = tmp_path / "missing"
+    err = _message(small, tmp_path, capsys, "--base-model", str(missing))
+    assert f"--base-model {missing} does not exist" in err and "pass --base-model" not in err
+    err = _message(small, tmp_path, capsys, "--base-model", str(small["model"] / "model.safetensors"))
+    assert "is a file, not a checkpoint folder" in err and f"its folder {small['model']} holds config.json" in err
+    err = _message(small, tmp_path, capsys, "--tokenizer", str(missing))
+    assert f"--tokenizer {missing} is not a folder" in err
+    err = _message(small, tmp_path, capsys, "--base-tokenizer", str(missing / "tok.model"))
+    assert f"--base-tokenizer {missing / 'tok.model'} does not exist" in err
+    err = _message(small, tmp_path, capsys, "--heldout", str(missing))
+    assert f"--heldout {missing} does not exist" in err and "--no-sanity-check" in err
+    err = _message(small, tmp_path, capsys, "--vocab-multiple", "1024")
+    assert "adapted vocabulary 512" in err and "--vocab-multiple 1024" in err
+
+
+def test_damaged_checkpoint_files_are_clean_refusals(
+    small: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(small["model"], broken)
+    (broken / "config.json").write_text("{not json")
+    err = _message(small, tmp_path, capsys, "--base-model", str(broken))
+    assert f"{broken / 'config.json'} is not valid JSON" in err
+    shutil.copy(small["model"] / "config.json", broken / "config.json")
+    weights = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    err = _message(small, tmp_path, capsys, "--base-model", str(broken))
+    assert f"{broken / 'model.safetensors'} is truncated" in err
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00[1, 2, 3]       ")
+    err = _message(small, tmp_path, capsys, "--base-model", str(broken))
+    assert "is not a valid safetensors file (unreadable header)" in err
+
+
+# --- safetensors I/O -------------------------------------------------------------------------------
+
+
+def test_rewrite_safetensors_streams_old_tensors_and_writes_new_ones(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from dapt.embeddings.safetensors_io import NewTensor, read_safetensors_header, read_tensor, rewrite_safetensors
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(5, 3, generator=generator).to(torch.bfloat16),
+        "b": torch.randn(7, generator=generator).to(torch.float16),
+        "c": torch.randn(2, 2, generator=generator),
+    }
+    save_file(tensors, str(tmp_path / "in.safetensors"), metadata={"format": "pt"})
+    source = read_safetensors_header(tmp_path / "in.safetensors")
+    assert torch.equal(read_tensor(source, "a"), tensors["a"])
+    bigger = torch.cat([tensors["a"], torch.zeros(2, 3, dtype=torch.bfloat16)])
+    new = {"a": NewTensor("BF16", (7, 3), lambda: bigger), "d": NewTensor("F32", (4,), lambda: torch.arange(4.0))}
+    written = rewrite_safetensors(source, tmp_path / "out.safetensors", new, chunk=5)  # chunks smaller than a tensor
+    out = load_file(str(tmp_path / "out.safetensors"))
+    assert torch.equal(out["a"], bigger) and torch.equal(out["b"], tensors["b"]) and torch.equal(out["c"], tensors["c"])
+    assert torch.equal(out["d"], torch.arange(4.0))
+    assert written == sum(t.numel() * t.element_size() for t in out.values())
+    assert read_safetensors_header(tmp_path / "out.safetensors").metadata == {"format": "pt"}

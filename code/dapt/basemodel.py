@@ -32,6 +32,7 @@ from dapt.errors import UserInputError
 
 STAGE = "base-model"
 FORMAT_VERSION = 2  # bump when the output changes for the same parameters, so caches are rebuilt
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -77,15 +78,16 @@ def lossless_sentencepiece(model_path: Path) -> bytes:
     return proto.SerializeToString()
 
 
-def _check_sentencepiece(path: Path, what: str) -> Any:
+def _check_sentencepiece(path: Path, flag: str, hint: str) -> Any:
+    """The SentencePiece model at ``path`` (given as ``flag``); a missing or foreign file says ``hint``."""
     import sentencepiece as spm
 
     if not Path(path).is_file():
-        raise UserInputError(f"{what} {path} does not exist.")
+        raise UserInputError(f"{flag} {path} does not exist; {hint}.")
     try:
         return spm.SentencePieceProcessor(model_file=str(path))
     except (RuntimeError, OSError) as error:
-        raise UserInputError(f"{what} {path} is not a SentencePiece model ({error}).") from None
+        raise UserInputError(f"{flag} {path} is not a SentencePiece model ({error}); {hint}.") from None
 
 
 def _write_generation_config(folder: Path, sp: Any, max_length: int) -> None:
@@ -109,10 +111,16 @@ def read_llama2c(path: Path) -> tuple[dict[str, int], dict[str, np.ndarray]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserInputError(f"llama2.c checkpoint {path} does not exist.")
+        raise UserInputError(
+            f"--llama2c-checkpoint {path} does not exist; pass a llama2.c .bin checkpoint "
+            "(for example stories260K.bin)."
+        )
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size < 28:
-        raise UserInputError(f"llama2.c checkpoint {path} is too short to hold its 28-byte header.")
+        raise UserInputError(
+            f"--llama2c-checkpoint {path} is too short ({raw.size} bytes) to hold its 28-byte header; "
+            "pass a llama2.c .bin checkpoint."
+        )
     header = dict(zip(LLAMA2C_HEADER, (int(v) for v in raw[:28].view(np.int32)), strict=True))
     header["shared_classifier"] = int(header["vocab_size"] > 0)
     header["vocab_size"] = abs(header["vocab_size"])
@@ -124,7 +132,9 @@ def read_llama2c(path: Path) -> tuple[dict[str, int], dict[str, np.ndarray]]:
         header["seq_len"],
     )
     if min(dim, hidden, layers, heads, kv_heads, vocab, seq) <= 0 or dim % heads or heads % kv_heads:
-        raise UserInputError(f"llama2.c checkpoint {path} has an implausible header {header}.")
+        raise UserInputError(
+            f"--llama2c-checkpoint {path} has an implausible header {header}; is it a llama2.c .bin file?"
+        )
     head = dim // heads
     shapes = [
         ("tok_embeddings", (vocab, dim)),
@@ -147,7 +157,7 @@ def read_llama2c(path: Path) -> tuple[dict[str, int], dict[str, np.ndarray]]:
     if floats is None or floats.size != needed:
         got = (raw.size - 28) / 4
         raise UserInputError(
-            f"llama2.c checkpoint {path}: header {header} needs {needed} float32 weights, "
+            f"--llama2c-checkpoint {path}: header {header} needs {needed} float32 weights, "
             f"the file holds {got}; "
             "is it a version-0 (legacy) llama2.c export?"
         )
@@ -184,8 +194,7 @@ def llama2c_to_hf(header: dict[str, int], weights: dict[str, np.ndarray]) -> Any
         bos_token_id=1,
         eos_token_id=2,
         attn_implementation="sdpa",
-        torch_dtype="float32",
-    )
+    )  # no dtype: save_pretrained records the weights' own (float32), as "torch_dtype" or "dtype"
     state = {"model.embed_tokens.weight": weights["tok_embeddings"], "model.norm.weight": weights["norm"]}
     state["lm_head.weight"] = weights["tok_embeddings"] if header["shared_classifier"] else weights["output"]
     for i in range(header["n_layers"]):
@@ -215,8 +224,13 @@ def convert_llama2c(config: BaseModelConfig) -> Path:
     from dapt.tokenizer import write_hf_tokenizer
 
     if config.llama2c_tokenizer is None:
-        raise UserInputError("--llama2c-checkpoint needs --llama2c-tokenizer (the checkpoint's .model file).")
-    sp = _check_sentencepiece(config.llama2c_tokenizer, "llama2.c tokenizer")
+        raise UserInputError(
+            f"--llama2c-checkpoint {config.llama2c_checkpoint} needs --llama2c-tokenizer (the SentencePiece "
+            ".model file it was trained with, for example tok512.model)."
+        )
+    sp = _check_sentencepiece(
+        config.llama2c_tokenizer, "--llama2c-tokenizer", "pass the checkpoint's SentencePiece .model file"
+    )
     header, weights = read_llama2c(config.llama2c_checkpoint)
     if sp.get_piece_size() != header["vocab_size"]:
         raise UserInputError(
@@ -291,6 +305,40 @@ def _cached(config: BaseModelConfig, inputs: dict) -> bool:
     )
 
 
+def validate_tiny(config: BaseModelConfig) -> None:
+    """Refuse tiny-model parameters that cannot work, naming the user's value."""
+    positive = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "seq_length",
+                "batch_size", "steps", "threads")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise UserInputError(f"--{name.replace('_', '-')} {getattr(config, name)} must be at least 1.")
+    if config.max_position_embeddings < 2:
+        raise UserInputError(
+            f"--max-position-embeddings {config.max_position_embeddings} must be at least 2."
+        )
+    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+        raise UserInputError(f"--learning-rate {config.learning_rate} must be a positive number.")
+    if config.warmup_steps < 0:
+        raise UserInputError(f"--warmup-steps {config.warmup_steps} must be 0 or more.")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise UserInputError(f"--seed {config.seed} must be from 0 to {MAX_SEED}.")
+    if config.hidden_size % config.num_heads or config.num_heads % config.num_kv_heads:
+        raise UserInputError(
+            f"--hidden-size {config.hidden_size} must be a multiple of --num-heads {config.num_heads}, "
+            f"which must be a multiple of --num-kv-heads {config.num_kv_heads}."
+        )
+    if (config.hidden_size // config.num_heads) % 2:
+        raise UserInputError(
+            f"--hidden-size {config.hidden_size} / --num-heads {config.num_heads} gives heads of "
+            f"{config.hidden_size // config.num_heads} dimensions; rotary embeddings need an even number."
+        )
+    if config.seq_length > config.max_position_embeddings:
+        raise UserInputError(
+            f"--seq-length {config.seq_length} exceeds --max-position-embeddings "
+            f"{config.max_position_embeddings}."
+        )
+
+
 def _token_stream(config: BaseModelConfig, sp: Any) -> np.ndarray:
     """All general documents as one stream of token ids: [BOS] + tokens + [EOS] per document."""
     from dapt.corpus import load_corpus
@@ -307,16 +355,6 @@ def _token_stream(config: BaseModelConfig, sp: Any) -> np.ndarray:
 def _tiny_model(config: BaseModelConfig, vocab_size: int, sp: Any) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if config.hidden_size % config.num_heads or config.num_heads % config.num_kv_heads:
-        raise UserInputError(
-            f"--hidden-size {config.hidden_size} must be a multiple of --num-heads {config.num_heads}, "
-            f"which must be a multiple of --num-kv-heads {config.num_kv_heads}."
-        )
-    if config.seq_length > config.max_position_embeddings:
-        raise UserInputError(
-            f"--seq-length {config.seq_length} exceeds --max-position-embeddings "
-            f"{config.max_position_embeddings}."
-        )
     llama_config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=config.hidden_size,
@@ -332,8 +370,7 @@ def _tiny_model(config: BaseModelConfig, vocab_size: int, sp: Any) -> Any:
         bos_token_id=sp.bos_id(),
         eos_token_id=sp.eos_id(),
         attn_implementation="sdpa",
-        torch_dtype="float32",
-    )
+    )  # no dtype: save_pretrained records the weights' own (float32), as "torch_dtype" or "dtype"
     return LlamaForCausalLM(llama_config)
 
 
@@ -391,12 +428,18 @@ def train_tiny_model(config: BaseModelConfig) -> Path:
 
     from dapt.tokenizer import write_hf_tokenizer
 
-    if not Path(config.tokenizer).is_file():
+    validate_tiny(config)
+    sp = _check_sentencepiece(
+        config.tokenizer,
+        "--tokenizer",
+        "pass the base SentencePiece model (`python -m dapt base-tokenizer` writes the tiny one to "
+        "outputs/tiny/base_tokenizer/tokenizer.model)",
+    )
+    if not Path(config.general_data).exists():
         raise UserInputError(
-            f"base tokenizer {config.tokenizer} does not exist; run `python -m dapt base-tokenizer` first "
-            "or pass --tokenizer."
+            f"--general-data {config.general_data} does not exist; pass a JSONL file or folder of general "
+            "text (`python -m dapt sample-data` writes the embedded sample to code/general_data)."
         )
-    sp = _check_sentencepiece(config.tokenizer, "base tokenizer")
     inputs = _tiny_inputs(config)
     if _cached(config, inputs):
         print(f"base model {config.output} is up to date (same parameters and inputs); reusing it.")
@@ -440,5 +483,8 @@ def build_base_model(config: BaseModelConfig) -> Path:
     if config.llama2c_checkpoint is not None:
         return convert_llama2c(config)
     if config.llama2c_tokenizer is not None:
-        raise StageError("--llama2c-tokenizer is only used with --llama2c-checkpoint.")
+        raise StageError(
+            f"--llama2c-tokenizer {config.llama2c_tokenizer} is only used with --llama2c-checkpoint; pass the "
+            "checkpoint too, or drop --llama2c-tokenizer to build the tiny model."
+        )
     return train_tiny_model(config)
