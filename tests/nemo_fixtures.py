@@ -233,3 +233,104 @@ def sbatch_arguments(script: str) -> list[str]:
         if started:
             arguments.append(current)
     return arguments
+
+
+# Characters a path may hold that Hydra, OmegaConf or a shell would read as syntax (no control characters).
+HOSTILE_PATH_PART = "a b'c\"d\\e ${x} $HOME [f]{g},h=i"
+_PROBES: dict[Path, dict[str, Any]] = {}
+
+
+def planned_and_composed(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """For every profile whose inputs are here: its dry-run plan (NeMo's scripts from ../shared) and what NeMo's
+    own code makes of it, from one :func:`nemo_probe` run per session:
+
+    * ``plans[profile]``, ``artifacts[profile]``;
+    * ``composed[profile]["commands" | "slurm"]``: the config ``megatron_gpt_pretraining.py`` composes from the
+      command in commands.sh / dapt.sbatch;
+    * ``converter_args``, ``converter_config``: ``convert_llama_hf_to_nemo.py``'s ``get_args`` and ``load_config``;
+    * ``export_args``: ``dapt.export``'s ``.nemo`` -> HF command through ``convert_llama_nemo_to_hf.py``'s
+      ``get_args``; ``misspelled``: a wrong flag through the same parser;
+    * ``hostile``: a tiny plan whose run folder holds :data:`HOSTILE_PATH_PART`; ``unknown_key``: a key the YAML
+      lacks, given without ``++``.
+    """
+    require_nemo()
+    base = request.getfixturevalue("tmp_path_factory").getbasetemp()
+    if base in _PROBES:
+        return _PROBES[base]
+    from dapt.export import nemo_to_hf_command
+    from dapt.nemo_launch import build_plan
+    from dapt.nemo_launch.stage import write_plan
+
+    plans, missing, inputs = {}, {}, {}
+    for profile in ALL_PROFILES:
+        try:
+            artifacts = inputs[profile] = artifacts_for(profile, request)
+        except pytest.skip.Exception as skipped:
+            missing[profile] = str(skipped)
+            continue
+        config = launch_config(profile, artifacts, base / "plans" / profile)
+        plans[profile] = build_plan(config)
+        write_plan(config, plans[profile])
+    tiny = artifacts_for("tiny", request)
+    hostile = build_plan(launch_config("tiny", tiny, base / "plans" / HOSTILE_PATH_PART))
+    probe: dict[str, Any] = {"compose": {}, "argparse": {}, "load_config": {}}
+    for profile, plan in plans.items():
+        probe["compose"][f"{profile}/commands"] = plan.pretrain
+        probe["compose"][f"{profile}/slurm"] = plan.pretrain_slurm
+        convert = {"script": plan.convert[1], "argv": plan.convert[2:]}
+        probe["argparse"][f"{profile}/convert"] = convert
+        probe["load_config"][profile] = {**convert, "hf_model": str(plan.settings.hf_model)}
+        export = nemo_to_hf_command(plan.trained_nemo, base / "plans" / profile / "weights.bin", SHARED_NEMO,
+                                    "bfloat16", cpu_only=True)
+        probe["argparse"][f"{profile}/export"] = {"script": export[1], "argv": export[2:]}
+    probe["compose"]["hostile"] = hostile.pretrain
+    probe["compose"]["unknown_key"] = [*plans["tiny"].pretrain, "model.no_such_key=1"]
+    probe["argparse"]["misspelled"] = {"script": plans["tiny"].convert[1], "argv": ["--input_path", "x"]}
+    result = nemo_probe(probe, base / "probe")
+    composed = {profile: {variant: result["compose"][f"{profile}/{variant}"] for variant in ("commands", "slurm")}
+                for profile in plans}
+    _PROBES[base] = {
+        "plans": plans, "missing": missing, "artifacts": inputs, "composed": composed, "hostile_plan": hostile,
+        "hostile": result["compose"]["hostile"], "unknown_key": result["compose"]["unknown_key"],
+        "converter_args": {p: result["argparse"][f"{p}/convert"] for p in plans},
+        "converter_config": result["load_config"],
+        "export_args": {p: result["argparse"][f"{p}/export"] for p in plans},
+        "export_commands": {p: probe["argparse"][f"{p}/export"] for p in plans},
+        "misspelled": result["argparse"]["misspelled"],
+    }
+    return _PROBES[base]
+
+
+def profile_case(request: pytest.FixtureRequest, profile: str) -> tuple[Any, dict[str, Any]]:
+    """The plan of ``profile`` and the probe's results; skips when the profile's inputs are absent."""
+    found = planned_and_composed(request)
+    if profile not in found["plans"]:
+        pytest.skip(found["missing"][profile])
+    return found["plans"][profile], found
+
+
+STUB_PYTHON = """#!/bin/bash
+# stand-in for python (the converter, NeMo): records its arguments; writes the file named by --output_path
+n=$(ls "$DAPT_STUB_DIR" | wc -l)
+printf '%s\\0' "$@" > "$DAPT_STUB_DIR/call-$n-$(basename "$0")"
+while [ $# -gt 0 ]; do
+  if [ "$1" = --output_path ]; then printf 'stand-in .nemo\\n' > "$2"; fi
+  shift
+done
+"""
+STUB_SRUN = """#!/bin/bash
+# stand-in for srun: records its own options (they start with --) and runs the command that follows them
+while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do printf '%s\\0' "$1" >> "$DAPT_STUB_DIR/srun-options"; shift; done
+exec "$@"
+"""
+
+
+def stub_env(folder: Path) -> dict[str, str]:
+    """An environment whose PATH finds the stand-ins first; they record their calls under ``folder/calls``."""
+    bin_dir, record = folder / "bin", folder / "calls"
+    bin_dir.mkdir(parents=True)
+    record.mkdir()
+    for name, text in (("python", STUB_PYTHON), ("torchrun", STUB_PYTHON), ("srun", STUB_SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DAPT_STUB_DIR": str(record)}

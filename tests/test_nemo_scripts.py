@@ -8,32 +8,17 @@ NeMo or Slurm runs; a value that escaped its quoting would run ``touch pwned...`
 from __future__ import annotations
 
 import dataclasses
-import os
 import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
-from nemo_fixtures import dry_run_config, llama2_setup, overrides, sbatch_arguments
+from nemo_fixtures import dry_run_config, llama2_setup, overrides, sbatch_arguments, stub_env
 
 from dapt.errors import UserInputError
 from dapt.nemo_launch import LaunchConfig, launch
 from dapt.nemo_launch.commands import hydra_str
 
-STUB_PYTHON = """#!/bin/bash
-# stand-in for python (the converter, NeMo): records its arguments; writes the file named by --output_path
-n=$(ls "$DAPT_STUB_DIR" | wc -l)
-printf '%s\\0' "$@" > "$DAPT_STUB_DIR/call-$n-$(basename "$0")"
-while [ $# -gt 0 ]; do
-  if [ "$1" = --output_path ]; then printf 'stand-in .nemo\\n' > "$2"; fi
-  shift
-done
-"""
-STUB_SRUN = """#!/bin/bash
-# stand-in for srun: records its own options (they start with --) and runs the command that follows them
-while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do printf '%s\\0' "$1" >> "$DAPT_STUB_DIR/srun-options"; shift; done
-exec "$@"
-"""
 # Everything a shell or Slurm would read as syntax, no control character (those are refused: see below).
 HOSTILE = "x $(touch pwned1) `touch pwned2`; touch pwned3 & | > 'sq' \"dq\" \\bs ${HOME} #* ?!~ ="
 
@@ -41,16 +26,6 @@ HOSTILE = "x $(touch pwned1) `touch pwned2`; touch pwned3 & | > 'sq' \"dq\" \\bs
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, llama2_tokenizer, shared_data) -> dict[str, Path]:
     return llama2_setup(tmp_path_factory.mktemp("scripts"), llama2_tokenizer, shared_data)
-
-
-def _stubs(folder: Path) -> dict[str, str]:
-    bin_dir, record = folder / "bin", folder / "calls"
-    bin_dir.mkdir(parents=True)
-    record.mkdir()
-    for name, text in (("python", STUB_PYTHON), ("torchrun", STUB_PYTHON), ("srun", STUB_SRUN)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "DAPT_STUB_DIR": str(record)}
 
 
 def _calls(folder: Path) -> list[tuple[str, list[str]]]:
@@ -70,12 +45,12 @@ def test_commands_sh_runs_exactly_our_commands(setup, tmp_path) -> None:
     work = tmp_path / "cwd"
     work.mkdir()
     script = plan.settings.output / "commands.sh"
-    subprocess.run(["bash", str(script)], cwd=work, env=_stubs(tmp_path / "stubs"), check=True)
+    subprocess.run(["bash", str(script)], cwd=work, env=stub_env(tmp_path / "stubs"), check=True)
     assert not list(tmp_path.rglob("pwned*"))
     assert _calls(tmp_path / "stubs") == [("python", plan.convert[1:]), ("torchrun", plan.torchrun[1:])]
     assert plan.layout.converted.is_file() and not plan.layout.converting.exists()
     assert overrides(plan.pretrain)["exp_manager.name"] == hydra_str(f"dapt {HOSTILE}")
-    subprocess.run(["bash", str(script)], cwd=work, env=_stubs(tmp_path / "again"), check=True)
+    subprocess.run(["bash", str(script)], cwd=work, env=stub_env(tmp_path / "again"), check=True)
     assert [name for name, _ in _calls(tmp_path / "again")] == ["torchrun"]  # converted once: a rerun only trains
 
 
@@ -89,7 +64,7 @@ def test_sbatch_script_runs_exactly_our_commands(setup, tmp_path) -> None:
     assert not [a for a in arguments if not a.startswith("--")]  # every value stayed with its option
     work = tmp_path / "cwd"
     work.mkdir()
-    subprocess.run(["bash", "-c", script], cwd=work, env=_stubs(tmp_path / "stubs"), check=True)
+    subprocess.run(["bash", "-c", script], cwd=work, env=stub_env(tmp_path / "stubs"), check=True)
     assert not list(tmp_path.rglob("pwned*"))
     assert _calls(tmp_path / "stubs") == [("python", plan.convert[1:]), ("python", plan.pretrain_slurm)]
     options = (tmp_path / "stubs" / "calls" / "srun-options").read_bytes().decode().split("\0")
