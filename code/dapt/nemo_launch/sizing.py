@@ -67,6 +67,7 @@ def estimate_memory_gb(
     logits = 8 * tokens * vocab_size / tp
     total = states + activations + logits
     return {
+        "parameters": params,
         "parameters_billion": round(params / 1e9, 2),
         "model_states_gb": round(states / 1e9, 1),
         "activations_gb": round((activations + logits) / 1e9, 1),

@@ -105,7 +105,7 @@ def print_plan(plan: LaunchPlan) -> None:
         print(f"#   [{'ok' if check.ok else 'FAILED'}] {check.name}: {check.detail}")
     sizing = plan.sizing
     print(f"#   memory estimate per GPU: {sizing['total_gb']} GB of {profile.gpu_memory_gb} GB "
-          f"({sizing['parameters_billion']}B parameters; architecture: {plan.inputs.arch_source})")
+          f"({_count(sizing['parameters'])} parameters; architecture: {plan.inputs.arch_source})")
     print(f"# {plan.summary()}")
     for name, value in plan.env.items():
         print(f"export {name}={shlex.quote(value)}")
@@ -115,6 +115,10 @@ def print_plan(plan: LaunchPlan) -> None:
     else:
         print(shlex.join(plan.torchrun))
     print(f"# trained model: {shlex.quote(str(plan.trained_nemo))}")
+
+
+def _count(number: int) -> str:
+    return f"{number / 1e9:.2f}B" if number >= 1e9 else f"{number / 1e6:.1f}M"
 
 
 def plan_record(plan: LaunchPlan) -> dict[str, Any]:
