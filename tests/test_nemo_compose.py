@@ -83,9 +83,9 @@ def test_a_composed_config_holds_what_we_meant(request, profile, variant) -> Non
 
 def test_a_plus_keys_are_exactly_those_the_yaml_lacks(request) -> None:
     """``key=value`` for keys NeMo's YAML has (Hydra refuses others), ``++key=value`` only for the ones it lacks."""
+    plan, found = profile_case(request, "tiny")
     from omegaconf import OmegaConf
 
-    plan, found = profile_case(request, "tiny")
     yaml = OmegaConf.to_container(OmegaConf.load(SHARED_NEMO / CONF_DIR / f"{CONF_NAME}.yaml"), resolve=False)
 
     def in_yaml(key: str) -> bool:
@@ -114,10 +114,10 @@ def test_a_paths_with_shell_and_hydra_syntax_compose_exactly(request) -> None:
 
 @pytest.mark.parametrize("profile", ALL_PROFILES)
 def test_b_nemo_scheduler_warms_up_then_holds_the_chipnemo_rate(request, profile) -> None:
+    plan, found = profile_case(request, profile)
     import torch
     from nemo.core.optim.lr_scheduler import prepare_lr_scheduler
 
-    plan, found = profile_case(request, profile)
     cfg = _cfg(found, profile, "commands")
     optim = dict(cfg["model"]["optim"])
     sched = {**optim.pop("sched"), "max_steps": cfg["trainer"]["max_steps"]}  # as ModelPT.setup_optimization

@@ -72,11 +72,11 @@ def _ids_disagree(model_path: str, tokenizer_folder: str, heldout: str) -> tuple
 
 @pytest.mark.parametrize("profile", ALL_PROFILES)
 def test_d_nemo_tokenizer_matches_sentencepiece_hf_and_the_checkpoint(request, profile) -> None:
+    plan, found = profile_case(request, profile)
     from nemo.collections.nlp.models.language_modeling.megatron_base_model import MegatronBaseModel
 
     from dapt.nemo_launch.checks import checkpoint_vocab_rows
 
-    plan, found = profile_case(request, profile)
     model = _model_cfg(found, profile)["model"]
     tokenizer = _nemo_tokenizer(model["tokenizer"])
     assert model["tokenizer"]["sentencepiece_legacy"] is False  # the YAML's: plain SentencePiece encoding

@@ -82,10 +82,10 @@ def exercise_run_folder(commands_sh: Path, sbatch: str, cfg: dict[str, Any], wor
 @pytest.mark.parametrize("profile", ALL_PROFILES)
 def test_c_exp_manager_leaves_every_input_where_the_next_command_reads_it(request, tmp_path, profile,
                                                                            variant) -> None:
+    plan, found = profile_case(request, profile)
     from nemo.utils.callbacks.nemo_model_checkpoint import NeMoModelCheckpoint
     from nemo.utils.exp_manager import StatelessTimer
 
-    plan, found = profile_case(request, profile)
     cfg = found["composed"][profile][variant]["config"]
     # a run folder of its own for this case: the plan's scripts and config with its run folder moved here
     work = tmp_path / "work"
