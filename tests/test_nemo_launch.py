@@ -263,3 +263,23 @@ def test_llama2_parameter_counts() -> None:
     assert parameter_count(LLAMA2_ARCH["7b"], 32000) == 6_738_415_616
     assert parameter_count(LLAMA2_ARCH["13b"], 32000) == 13_015_864_320
     assert parameter_count(LLAMA2_ARCH["70b"], 32000) == 68_976_648_192
+
+
+def test_cli_refuses_cleanly_and_writes_nothing(tmp_path) -> None:
+    """``python -m dapt launch``: help renders; bad values exit 2 with one message, no traceback, no folder."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "code")}
+    run = [sys.executable, "-m", "dapt", "launch"]
+    assert subprocess.run([*run, "--help"], env=env, capture_output=True).returncode == 0
+    output = tmp_path / "launch"
+    for args, message in ((["--max-steps", "0"], "--max-steps 0: must be a whole number of at least 1"),
+                          (["--run-name", "dapt\ntouch pwned"], "--run-name 'dapt\\ntouch pwned': contains the "
+                           "control character U+000A"),
+                          (["--hf-model", str(tmp_path / "none")], f"nothing written to {output}")):
+        done = subprocess.run([*run, "--dry-run", "--output", str(output), *args], env=env, capture_output=True,
+                              text=True, cwd=tmp_path)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

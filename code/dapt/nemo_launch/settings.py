@@ -48,7 +48,7 @@ class LaunchConfig:
     warmup_steps: int | None = param(None, "linear warmup steps, below max_steps (default: the profile's)")
     val_check_interval: int | None = param(None, "validate every N steps, 1..max_steps (default: the profile's)")
     limit_val_batches: int = param(
-        5, "global batches per validation (NeMo's YAML has 50: about 16% of the run at 7B's settings)"
+        5, "global batches per validation (NeMo's YAML has 50: about a sixth of the run at 7B's settings)"
     )
     global_batch_size: int | None = param(None, "sequences per optimizer step (default: the profile's)")
     micro_batch_size: int | None = param(None, "sequences per GPU per micro step (default: the profile's)")
