@@ -138,7 +138,7 @@ def sbatch_script(settings: LaunchSettings, env: dict[str, str], convert: list[s
     )
 
 
-def refuse_slurm_pattern(settings: LaunchSettings) -> Check:
+def check_slurm_log_path(settings: LaunchSettings) -> Check:
     """Slurm expands ``%`` patterns in ``--output`` (``%j`` is ours): a run folder holding ``%`` is refused."""
     folder = str(settings.layout.slurm_logs)
     return Check("Slurm log path", "%" not in folder,

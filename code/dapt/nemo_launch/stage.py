@@ -22,7 +22,7 @@ from dapt.nemo_launch.commands import (
     torchrun_command,
 )
 from dapt.nemo_launch.layout import RunLayout
-from dapt.nemo_launch.scripts import check_mounts, commands_script, refuse_slurm_pattern, sbatch_script
+from dapt.nemo_launch.scripts import check_mounts, check_slurm_log_path, commands_script, sbatch_script
 from dapt.nemo_launch.settings import CONTAINER_IMAGE, LaunchConfig, LaunchSettings, resolve
 from dapt.nemo_launch.sizing import estimate_memory_gb
 
@@ -75,7 +75,7 @@ def build_plan(config: LaunchConfig) -> LaunchPlan:
     """Resolve the parameters, run every check and build the commands (nothing is run or written)."""
     settings = resolve(config)
     checks, inputs = run_checks(settings)
-    checks += [check_mounts(settings), refuse_slurm_pattern(settings)]
+    checks += [check_mounts(settings), check_slurm_log_path(settings)]
     blend = build_blend(settings.domain_data, settings.general_data, settings.general_share)
     convert = convert_command(settings.nemo_dir, settings.hf_model, settings.layout.converting)
     pretrain = pretrain_argv(settings.nemo_dir, pretrain_overrides(settings, inputs.arch, blend, None))
