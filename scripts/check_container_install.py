@@ -33,7 +33,7 @@ REQUIREMENTS = REPO / "requirements-container.txt"
 CONSTRAINTS = REPO / "constraints" / "nemo-24.07.txt"
 PIP_VERSION = "pip==24.0"
 
-# The container's packages that the install line must never replace.
+# The container's packages that the install line must never replace: its library stack and its NeMo.
 PROTECTED = (
     "torch",
     "transformers",
@@ -43,6 +43,11 @@ PROTECTED = (
     "megatron-core",
     "datasets",
     "numpy",
+    "nemo-toolkit",
+    "pytorch-lightning",
+    "hydra-core",
+    "omegaconf",
+    "huggingface-hub",
 )
 
 # Version strings as a NeMo 24.07 container reports them (NGC builds of torch carry a pre-release
@@ -58,8 +63,14 @@ CONTAINER_VERSION_STRINGS = {
     "numpy": "1.24.4",
     "pyarrow": "16.1.0",
     "fsspec": "2024.5.0",
-    "huggingface-hub": "0.23.4",
     "safetensors": "0.4.3",
+    # NeMo's line in the container; the others as the CI stand-in has them (their exact strings in the
+    # container are not published; any release satisfies NeMo 2.0.0rc1's requirements).
+    "nemo-toolkit": "2.0.0rc1",
+    "pytorch-lightning": "2.3.3",
+    "hydra-core": "1.3.2",
+    "omegaconf": "2.3.0",
+    "huggingface-hub": "0.24.5",
 }
 
 

@@ -2,22 +2,28 @@
 # Create (or reuse) the project's environments; name one or more kinds: scripts/setup_env.sh KIND [KIND...]
 #
 #   fresh       .venv            Python 3.11 + requirements.txt
-#   container   .venv-container  Python 3.10 + the NeMo 24.07 container's library versions, then the container
-#                                install line, as a user runs it in the container
+#   container   .venv-container  Python 3.10 + the NeMo 24.07 container's library versions and its NeMo
+#                                (2.0.0rc1), then the container install line, as a user runs it in the container
 #   serve       .venv-serve      Python 3.11 + requirements-serve.txt: `transformers serve`, the local
 #                                OpenAI-compatible server that the export smoke test (and notebook 2) runs against
 #
-# The container environment is built in three steps:
-#   1. constraints/nemo-24.07-image.txt: what the container ships (torch 2.3, transformers 4.40, ...);
-#   2. the users' line `pip install -r requirements-container.txt -c constraints/nemo-24.07.txt`, run by
-#      scripts/check_container_install.py, which fails if it would replace or did replace any container package;
-#   3. `pip install --no-deps -e .` (the project itself).
-# A venv whose stamp matches the inputs (Python, requirement files) is reused; FORCE=1 rebuilds it.
+# The container environment is built in four steps:
+#   1. constraints/nemo-24.07-image.txt: what the container ships (torch 2.3, transformers 4.40, ..., and what
+#      NeMo's NLP collection needs to import);
+#   2. NeMo itself, $NEMO_TOOLKIT with --no-deps (the container's NeMo line; its own requirement list would
+#      pull in newer torch and NumPy): the tests then run NeMo's own code on the project's commands and files;
+#   3. the users' line `pip install -r requirements-container.txt -c constraints/nemo-24.07.txt`, run by
+#      scripts/check_container_install.py, which fails if it would replace or did replace any container package
+#      (NeMo's included);
+#   4. `pip install --no-deps -e .` (the project itself).
+# A venv whose stamp matches the inputs (Python, requirement files, NeMo's version) is reused; FORCE=1 rebuilds
+# it. pip's download cache (~/.cache/pip) makes a rebuild with unchanged versions take about a minute.
 # Interpreters: $PYTHON311 / $PYTHON310, else python3.11 / python3.10 found on PATH or under ~/.pyenv.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PIP_VERSION="pip==24.0"
+NEMO_TOOLKIT="nemo_toolkit==2.0.0rc1"
 
 usage() {
     echo "usage: $0 fresh|container|serve [fresh|container|serve ...]" >&2
@@ -85,19 +91,22 @@ setup_fresh() {
 setup_container() {
     local venv="$1" python stamp
     python="$(find_python 3.10 "${PYTHON310:-}")"
-    stamp="$(input_stamp "$python" "$REPO/constraints/nemo-24.07-image.txt" "$REPO/constraints/nemo-24.07.txt" \
-        "$REPO/requirements-container.txt" "$REPO/pyproject.toml")"
+    stamp="$( (echo "$NEMO_TOOLKIT"; input_stamp "$python" "$REPO/constraints/nemo-24.07-image.txt" \
+        "$REPO/constraints/nemo-24.07.txt" "$REPO/requirements-container.txt" "$REPO/pyproject.toml") |
+        sha256sum | cut -d' ' -f1)"
     if venv_is_current "$venv" "$stamp"; then
         echo "container environment $venv: packages up to date"
     else
         new_venv "$python" "$venv"
-        echo "step 1/3: the container's own packages (constraints/nemo-24.07-image.txt) [$((SECONDS - start)) s]"
+        echo "step 1/4: the container's own packages (constraints/nemo-24.07-image.txt) [$((SECONDS - start)) s]"
         "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$REPO/constraints/nemo-24.07-image.txt"
-        echo "step 2/3: the users' container install line, checked [$((SECONDS - start)) s]"
+        echo "step 2/4: the container's NeMo, $NEMO_TOOLKIT --no-deps [$((SECONDS - start)) s]"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps "$NEMO_TOOLKIT"
+        echo "step 3/4: the users' container install line, checked [$((SECONDS - start)) s]"
         "$venv/bin/python" "$REPO/scripts/check_container_install.py" --venv "$venv" --install
         echo "$stamp" >"$venv/.dapt-env-stamp"
     fi
-    echo "step 3/3: the project [$((SECONDS - start)) s]"
+    echo "step 4/4: the project [$((SECONDS - start)) s]"
     install_project "$venv"
 }
 
