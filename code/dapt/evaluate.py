@@ -27,6 +27,7 @@ two local next-line tasks built from the held-out text by default, and any lm-ev
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import shutil
@@ -192,8 +193,11 @@ def load_model(folder: Path, placement: Placement, reserve_bytes: int = 2 * GIB)
         device_map: Any = {"": 0}
         max_memory = None
     else:
+        from accelerate.utils import get_max_memory
+
         device_map = placement.device_map
-        max_memory = {i: max(0, torch.cuda.mem_get_info(i)[0] - reserve_bytes) for i in range(placement.gpus)}
+        max_memory = get_max_memory()  # every GPU and the CPU (for offload when even all GPUs are too small)
+        max_memory.update({i: max(0, torch.cuda.mem_get_info(i)[0] - reserve_bytes) for i in range(placement.gpus)})
     return AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="sdpa", device_map=device_map,
                                                 max_memory=max_memory, **_dtype_argument(torch_dtype))
 
@@ -495,10 +499,10 @@ def plot_bits_per_byte(rows: list[dict[str, Any]], path: Path) -> None:
 # --- the stage -----------------------------------------------------------------------------------------
 
 
-def _free(model: Any) -> None:
+def _release_memory() -> None:
+    """Give back the memory of a model no longer referenced (before the next one loads)."""
     import torch
 
-    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -514,8 +518,6 @@ def _batch_limits(config: EvaluateConfig, placement: Placement) -> tuple[int | N
 def _model_row(label: str, folder: Path, config: EvaluateConfig, texts: dict[str, list[str]],
                lm_eval_setup: tuple[list[str], Any] | None) -> tuple[dict[str, Any], Placement]:
     """Load one model, score both held-out sets and run the lm-eval tasks on it."""
-    import json
-
     vocab = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("vocab_size", 32000)
     batch_tokens = config.batch_tokens if config.batch_tokens is not None else CUDA_BATCH_TOKENS
     placement = select_placement(config.device, config.dtype, Path(folder), batch_tokens, int(vocab))
@@ -539,7 +541,8 @@ def _model_row(label: str, folder: Path, config: EvaluateConfig, texts: dict[str
         row["lm_eval"] = run_tasks(model, AutoTokenizer.from_pretrained(str(folder)), tasks, manager,
                                    limit=config.lm_eval_limit, num_fewshot=config.lm_eval_fewshot,
                                    batch_size=config.lm_eval_batch_size, max_length=config.max_length)
-    _free(model)
+    del model, sp
+    _release_memory()
     return row, placement
 
 
