@@ -6,19 +6,21 @@ need the machine to reach their datasets) on an already loaded model, through lm
 model class and ``simple_evaluate``.
 
 Two local tasks run offline everywhere (CI included), so the integration is exercised for real:
-``dapt_nextline_domain`` and ``dapt_nextline_general``, built from the held-out domain and general text
-the evaluation already reads. Each item shows up to 8 lines of a held-out document and asks which of four
-lines comes next: the true next line, or one of three lines of similar length from other held-out
-documents. lm-eval scores each choice by its log-likelihood after the context (``acc``; ``acc_norm``
-divides by the choice's length in bytes); chance is 0.25. The items are written as JSONL and read through
-lm-eval's local-dataset support (a task YAML whose ``dataset_path`` is the ``json`` builder with
-``data_files``), so nothing is fetched.
+``dapt_nextline_domain`` and ``dapt_nextline_general``, built from the held-out domain and general text the
+evaluation already reads. Each item shows up to 8 lines of a held-out document and asks which of four lines
+comes next: the true next line, or one of three lines of similar length from elsewhere in the same document
+(so style, indentation and names do not give it away; other documents only when one is too short), boilerplate
+found in several documents left out. lm-eval scores each choice by its log-likelihood after the context
+(``acc``; ``acc_norm`` divides by the choice's length in bytes); chance is 0.25. The items are written as
+JSONL and read through lm-eval's local-dataset support (a task YAML whose ``dataset_path`` is the ``json``
+builder with ``data_files``), so nothing is fetched.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,12 +56,18 @@ def nextline_items(texts: Sequence[str], count: int, seed: int = 1234) -> list[d
 
     Each item: ``context`` (up to 8 whole lines, at most 600 characters, ending with a newline),
     ``choices`` (4 lines, no newline) and ``label`` (the index of the true next line). Items are taken
-    round-robin over the documents; distractors are lines of 0.5-2x the true line's length from other
-    documents (from the same document only when there is a single one), never equal to the true line.
+    round-robin over the documents; only lines found in a single document are asked about or offered
+    (no boilerplate); distractors are lines of the same document more than 8 lines away (of other documents
+    when it has too few), as close to the true line's length as possible (0.8-1.25x, else 0.5-2x), never
+    equal to it.
     """
     rng = np.random.default_rng(seed)
     docs = [_lines(text) for text in texts]
-    pool = [(d, i) for d, lines in enumerate(docs) for i, line in enumerate(lines) if _askable(line)]
+    # Lines found in several documents (licence headers, boilerplate) are left out: a model that has seen them
+    # often would pick such a distractor whatever the context, and an answer that is one says little.
+    spread = Counter(line.strip() for lines in docs for line in {x.strip() for x in lines if _askable(x)})
+    pool = [(d, i) for d, lines in enumerate(docs) for i, line in enumerate(lines)
+            if _askable(line) and spread[line.strip()] == 1]
     positions = {d: [i for dd, i in pool if dd == d and i >= 1] for d in range(len(docs))}
     order = [d for d in range(len(docs)) if positions[d]]
     if not order or len(pool) < CHOICES:
@@ -91,16 +99,27 @@ def _item(docs: list[list[str]], doc: int, target: int, pool: list[tuple[int, in
         context_lines = context_lines[1:]
     context = "\n".join(context_lines)[-CONTEXT_CHARS:] + "\n"
     answer = lines[target]
-    other_docs = len(docs) > 1
     length = len(answer)
 
-    def allowed(k: int) -> bool:
+    def same_document_far(k: int) -> bool:
         d, i = pool[k]
-        too_close = d == doc if other_docs else abs(i - target) <= CONTEXT_LINES
-        return not too_close and docs[d][i].strip() != answer.strip()
+        return d == doc and abs(i - target) > CONTEXT_LINES and docs[d][i].strip() != answer.strip()
 
-    near = [k for k in np.flatnonzero((pool_lengths >= length / 2) & (pool_lengths <= length * 2)) if allowed(k)]
-    candidates = near if len(near) >= CHOICES - 1 else [k for k in range(len(pool)) if allowed(k)]
+    def other_document(k: int) -> bool:
+        d, i = pool[k]
+        return d != doc and docs[d][i].strip() != answer.strip()
+
+    candidates: list[int] = []
+    # Lines of the same document far from the question first (same style, indentation and names: only the
+    # context tells them apart), then of other documents; as close in length as the pool allows.
+    for allowed in (same_document_far, other_document):
+        for low, high in ((0.8, 1.25), (0.5, 2.0), (0.0, float("inf"))):
+            candidates = [k for k in np.flatnonzero((pool_lengths >= length * low) &
+                                                    (pool_lengths <= length * high)) if allowed(k)]
+            if len(candidates) >= CHOICES - 1:
+                break
+        if len(candidates) >= CHOICES - 1:
+            break
     distractors: list[str] = []
     for k in rng.permutation(candidates):
         line = docs[pool[k][0]][pool[k][1]]
