@@ -136,6 +136,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--added-tokens", type=int, default=512)
     parser.add_argument("--max-documents", type=int, default=None, help="held-out documents per set")
+    parser.add_argument("--lm-eval-tasks", nargs="+", default=["none"],
+                        help="lm-eval tasks in the evaluation (e.g. dapt_nextline_domain dapt_nextline_general)")
     args = parser.parse_args()
     if not STORIES.is_dir() or not DATA.is_dir():
         print(json.dumps({"skipped": f"{SHARED} (stories260K and the corpora) is absent"}))
@@ -156,6 +158,7 @@ def main() -> int:
         domain_heldout=DATA / "heldout" / "domain_heldout.jsonl",
         general_heldout=DATA / "heldout" / "general_heldout.jsonl",
         output=args.work / "evaluation", max_documents=args.max_documents, threads=args.threads,
+        lm_eval_tasks=tuple(args.lm_eval_tasks),
     ))
     results = json.loads((args.work / "evaluation" / "results.json").read_text(encoding="utf-8"))["results"]
     bpb = {row["label"]: {k: round(row[k]["bits_per_byte"], 3) for k in ("domain", "general")}

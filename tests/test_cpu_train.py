@@ -232,13 +232,33 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(setup) -> None
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
-def test_resume_refuses_checkpoints_of_another_configuration(setup) -> None:
+def test_changed_hyperparameters_restart_with_a_one_line_reason(setup, capsys) -> None:
     ckpt = setup["root"] / "conflict_ckpt"
     train(_config(setup, "conflict", max_steps=3, checkpoint_dir=ckpt))
-    with pytest.raises(TrainInputError, match="learning_rate|hyperparameters"):
-        train(_config(setup, "conflict", max_steps=6, learning_rate=5e-3, checkpoint_dir=ckpt))
-    fresh = train(_config(setup, "conflict", max_steps=3, learning_rate=5e-3, checkpoint_dir=ckpt,
-                          resume=False))
+    capsys.readouterr()
+    fresh = train(_config(setup, "conflict", max_steps=3, learning_rate=5e-3, checkpoint_dir=ckpt))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "changed since" in line]
+    assert lines == [f"--learning-rate changed since the checkpoints were written: training afresh from "
+                     f"{setup['model']}; the stale conflict/ was removed"]
+    report = json.loads((fresh / "train_report.json").read_text())
+    assert report["resumed_from"] is None and report["steps_this_session"] == 3
+    assert report["restarted_because"] == lines[0]
+    assert read_manifest(fresh)["parameters"]["resolved"]["learning_rate"] == 5e-3
+
+
+def test_refuse_mode_stops_and_changes_nothing(setup) -> None:
+    ckpt = setup["root"] / "strict_ckpt"
+    first = train(_config(setup, "strict", max_steps=3, checkpoint_dir=ckpt))
+    before = {p: file_sha256(p) for p in sorted(ckpt.rglob("*")) if p.is_file()}
+    weights = file_sha256(first / "model.safetensors")
+    with pytest.raises(TrainInputError, match=r"other inputs: --learning-rate changed.*--on-changed-inputs restart"):
+        train(_config(setup, "strict", max_steps=6, learning_rate=5e-3, checkpoint_dir=ckpt,
+                      on_changed_inputs="refuse"))
+    assert {p: file_sha256(p) for p in sorted(ckpt.rglob("*")) if p.is_file()} == before
+    assert file_sha256(first / "model.safetensors") == weights
+    # --no-resume still starts over on request.
+    fresh = train(_config(setup, "strict", max_steps=3, learning_rate=5e-3, checkpoint_dir=ckpt,
+                          resume=False, on_changed_inputs="refuse"))
     assert json.loads((fresh / "train_report.json").read_text())["resumed_from"] is None
 
 
@@ -249,7 +269,7 @@ def test_time_budget_stops_and_saves(setup) -> None:
     assert (setup["root"] / "budget_checkpoints" / f"checkpoint-{report['steps']}").is_dir()
 
 
-def test_resume_refuses_checkpoints_of_other_model_weights(setup, tmp_path) -> None:
+def test_changed_model_weights_restart_or_are_refused(setup, tmp_path, capsys) -> None:
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -263,8 +283,12 @@ def test_resume_refuses_checkpoints_of_other_model_weights(setup, tmp_path) -> N
     name = next(iter(weights))
     weights[name] = weights[name] + 1.0  # the same folder, other weights (e.g. re-extended embeddings)
     save_file(weights, weights_file, metadata={"format": "pt"})
-    with pytest.raises(TrainInputError, match="inputs"):
-        train(_config(setup, "weights", model=model, max_steps=6, checkpoint_dir=ckpt))
+    with pytest.raises(TrainInputError, match="the model weights changed"):
+        train(_config(setup, "weights", model=model, max_steps=6, checkpoint_dir=ckpt, on_changed_inputs="refuse"))
+    capsys.readouterr()
+    output = train(_config(setup, "weights", model=model, max_steps=3, checkpoint_dir=ckpt))
+    assert "the model weights changed since the checkpoints were written" in capsys.readouterr().out
+    assert json.loads((output / "train_report.json").read_text())["steps_this_session"] == 3
 
 
 def test_rerun_after_max_steps_gives_the_same_model(setup) -> None:
@@ -276,3 +300,134 @@ def test_rerun_after_max_steps_gives_the_same_model(setup) -> None:
     assert report["resumed_from"].endswith("checkpoint-3")
     for name, tensor in _weights(again).items():
         assert torch.equal(tensor, weights[name]), name
+
+
+def _inputs_with_tokenizer(root: Path, vocab_size: int) -> dict[str, Path]:
+    """A tokenizer of ``vocab_size`` pieces, a tiny Llama with that many rows, and data encoded with it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir = root / "model"
+    model_dir.mkdir(parents=True)
+    general, domain = _texts("general"), _texts("domain")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(general[:40] + domain[:40]), model_prefix=str(model_dir / "tokenizer"),
+        vocab_size=vocab_size, model_type="bpe", byte_fallback=True, character_coverage=0.98,
+        remove_extra_whitespaces=False, minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id())
+    LlamaForCausalLM(config).save_pretrained(str(model_dir))
+    for name, texts in (("domain", domain[:30]), ("general", general[:30])):
+        docs = [sp.encode(t[:2000]) for t in texts]
+        _write_dataset(root / "data" / name, docs, model_dir / "tokenizer.model", vocab_size, sp.eos_id())
+    return {"model": model_dir, "domain": root / "data" / "domain", "general": root / "data" / "general"}
+
+
+def test_tokenizer_a_then_b_then_a_retrains_each_time_and_ends_where_it_began(setup, tmp_path, capsys) -> None:
+    """The user's loop (issue 11): notebook 1 rerun with another tokenizer size, then notebook 2, then back."""
+    import shutil
+
+    variants = {"A": {"model": setup["model"], "domain": setup["domain"], "general": setup["general"]},
+                "B": _inputs_with_tokenizer(tmp_path / "b", 448)}
+    live = tmp_path / "live"  # the folders the notebooks rewrite in place (extended_model, megatron_data)
+
+    def install(variant: str) -> None:
+        shutil.rmtree(live, ignore_errors=True)
+        shutil.copytree(variants[variant]["model"], live / "model")
+        for name in ("domain", "general"):
+            for file in variants[variant][name].parent.glob(f"{name}*"):
+                (live / "data").mkdir(parents=True, exist_ok=True)
+                shutil.copy2(file, live / "data" / file.name)
+
+    config = _config({**setup, "model": live / "model", "domain": live / "data" / "domain",
+                      "general": live / "data" / "general", "root": tmp_path}, "dapt_model", max_steps=4)
+    results, reasons = [], []
+    for variant in ("A", "B", "A"):
+        install(variant)
+        capsys.readouterr()
+        output = train(config)
+        reasons.append([line for line in capsys.readouterr().out.splitlines() if "changed since" in line])
+        results.append({name: file_sha256(output / name) for name in ("model.safetensors", "tokenizer.model")})
+        manifest = read_manifest(output)
+        assert manifest["inputs"]["model"]["tokenizer_sha256"] == file_sha256(live / "model" / "tokenizer.model")
+        assert results[-1]["tokenizer.model"] == file_sha256(variants[variant]["model"] / "tokenizer.model")
+    assert reasons[0] == []
+    for lines in reasons[1:]:
+        assert len(lines) == 1
+        assert lines[0] == ("the tokenizer (and the model weights, the model's config.json, the domain data, "
+                            "the general data) changed since the checkpoints were written: training afresh "
+                            f"from {live / 'model'}; the stale dapt_model/ was removed")
+    assert results[2] == results[0] and results[1] != results[0]
+
+
+class _PlantedCode:
+    """Unpickling this object opens (creates) a file: a stand-in for code hidden in a checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (str(self.marker), "w"))
+
+
+def test_checkpoints_hold_no_pickles_and_a_planted_one_is_refused_unloaded(setup, tmp_path) -> None:
+    ckpt = tmp_path / "ckpt"
+    train(_config(setup, "planted", max_steps=3, checkpoint_dir=ckpt))
+    checkpoint = ckpt / "checkpoint-3"
+    assert not [p.name for p in checkpoint.iterdir() if p.suffix in (".pt", ".pth", ".bin")]
+    marker = tmp_path / "code_ran"
+    torch.save({"python": _PlantedCode(marker), "numpy": None, "cpu": torch.zeros(1)}, checkpoint / "rng_state.pth")
+    with pytest.raises(TrainInputError, match=r"did not write there: rng_state\.pth"):
+        train(_config(setup, "planted", max_steps=6, checkpoint_dir=ckpt))
+    assert not marker.exists()
+    # The same for a checkpoint that would only be reused (it already reached max_steps).
+    with pytest.raises(TrainInputError, match=r"rng_state\.pth"):
+        train(_config(setup, "planted", max_steps=3, checkpoint_dir=ckpt))
+    assert not marker.exists()
+
+
+def test_tampered_or_unfinished_checkpoints_are_never_loaded(setup, tmp_path, capsys) -> None:
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    train(_config(setup, "partial", max_steps=3, checkpoint_dir=ckpt))
+    # A save killed half-way: the folder exists but its record (written last) does not.
+    shutil.copytree(ckpt / "checkpoint-3", ckpt / "checkpoint-5")
+    (ckpt / "checkpoint-5" / "dapt_checkpoint.json").unlink()
+    capsys.readouterr()
+    resumed = train(_config(setup, "partial", max_steps=6, checkpoint_dir=ckpt))
+    assert "checkpoint-5: its save did not finish" in capsys.readouterr().out
+    assert json.loads((resumed / "train_report.json").read_text())["resumed_from"].endswith("checkpoint-3")
+    # A recorded file whose bytes changed afterwards.
+    state = ckpt / "checkpoint-6" / "training_state.json"
+    state.write_text(state.read_text().replace("0.9", "0.8", 1))
+    with pytest.raises(TrainInputError, match="training_state.json changed after the checkpoint was written"):
+        train(_config(setup, "partial", max_steps=9, checkpoint_dir=ckpt))
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--max-steps", "0", "--max-steps must be at least 1 (got 0)"),
+    ("--micro-batch-size", "0", "--micro-batch-size must be at least 1 (got 0)"),
+    ("--global-batch-size", "0", "--global-batch-size must be at least 1 (got 0)"),
+    ("--seq-length", "0", "--seq-length must be at least 1 (got 0)"),
+    ("--threads", "0", "--threads must be at least 1 (got 0)"),
+    ("--save-interval", "0", "--save-interval must be at least 1 (got 0)"),
+    ("--log-interval", "0", "--log-interval must be at least 1 (got 0)"),
+    ("--validation-windows", "-1", "--validation-windows must be at least 0 (got -1)"),
+    ("--seed", "-3", "--seed must be at least 0 (got -3)"),
+    ("--time-budget-s", "0", "--time-budget-s must be positive, or left unset (got 0.0)"),
+    ("--learning-rate", "0", "--learning-rate must be positive (got 0.0)"),
+    ("--learning-rate", "nan", "--learning-rate must be positive (got nan)"),
+    ("--weight-decay", "-0.1", "--weight-decay must be at least 0 (got -0.1)"),
+    ("--max-grad-norm", "-1", "--max-grad-norm must be at least 0"),
+    ("--warmup-steps", "-1", "--warmup-steps -1 must be >= 0"),
+])
+def test_numbers_that_cannot_work_are_refused_with_the_value(setup, option, value, message, capsys) -> None:
+    status = cli.main(["train", "--model", str(setup["model"]), "--data-prefix", str(setup["domain"]),
+                       "--output", str(setup["root"] / "never"), option, value])
+    assert status == 2
+    assert message in capsys.readouterr().err
+    assert not (setup["root"] / "never").exists()

@@ -16,9 +16,14 @@ blend picks, for every sample, the dataset furthest behind its target share (the
 rule of Megatron's ``BlendedDataset``), so the mixture is exact and reproducible.
 
 Checkpoints go to ``<output>_checkpoints`` (a separate folder, because the final
-output folder is written atomically); a rerun with the same parameters resumes
-from the latest one. Training stops at ``max_steps`` or when ``time_budget_s`` is
-spent, whichever comes first.
+output folder is written atomically); a rerun with the same inputs and parameters
+resumes from the latest one (or reuses it when it already reached ``max_steps``). A
+rerun whose inputs changed (another tokenizer, model, data or hyperparameters) says
+what changed in one line and trains afresh from the given model, removing the old
+checkpoints and the stale output (``--on-changed-inputs refuse`` stops instead).
+Checkpoints hold no pickle files (:mod:`dapt.safe_checkpoint`): a checkpoint folder
+with files this stage did not write is refused, never loaded. Training stops at
+``max_steps`` or when ``time_budget_s`` is spent, whichever comes first.
 """
 
 from __future__ import annotations
@@ -32,14 +37,15 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from dapt.artifacts import file_sha256, read_manifest, stage_output, write_json
+from dapt.artifacts import file_sha256, output_lock, read_manifest, stage_output, write_json
 from dapt.config import DEFAULT_OUTPUTS, get_profile, param
 from dapt.errors import UserInputError
 from dapt.megatron_data import read_data_record, sidecar_path, split_prefix
+from dapt.safe_checkpoint import checkpoint_problem, is_sealed, materialised, seal_checkpoint
 
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -51,6 +57,7 @@ TOKENIZER_FILES = (
 RUN_CONFIG = "run_config.json"
 # Parameters that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = ("max_steps", "time_budget_s", "save_interval", "log_interval", "threads")
+IDENTITY_FORMAT = 2  # version of the run identity kept in run_config.json and the output's manifest
 
 
 class TrainInputError(UserInputError):
@@ -88,6 +95,9 @@ class TrainConfig:
     seed: int = param(1234, "seed for the sample order, the blend and the model")
     threads: int | None = param(None, "torch CPU threads; None: torch's choice")
     resume: bool = param(True, "resume from the latest checkpoint; --no-resume deletes old checkpoints first")
+    on_changed_inputs: Literal["restart", "refuse"] = param(
+        "restart", "when the checkpoints come from other inputs or hyperparameters: restart (say why, delete "
+        "them and the stale output, train afresh) or refuse (stop with an error, change nothing)")
 
 
 @dataclass(frozen=True)
@@ -128,7 +138,21 @@ def resolve_hyperparameters(config: TrainConfig) -> Hyperparameters:
     }
     hp = Hyperparameters(max_grad_norm=config.max_grad_norm, **values)
     validate_hyperparameters(hp)
+    validate_run_settings(config)
     return hp
+
+
+def validate_run_settings(config: TrainConfig) -> None:
+    """Refuse intervals, budgets, thread counts and seeds that cannot work (never replace them)."""
+    at_least = {"save_interval": 1, "log_interval": 1, "validation_windows": 0, "seed": 0}
+    if config.threads is not None:
+        at_least["threads"] = 1
+    for name, low in at_least.items():
+        value = getattr(config, name)
+        if value < low:
+            raise TrainInputError(f"--{name.replace('_', '-')} must be at least {low} (got {value}).")
+    if config.time_budget_s is not None and not config.time_budget_s > 0:
+        raise TrainInputError(f"--time-budget-s must be positive, or left unset (got {config.time_budget_s}).")
 
 
 def validate_hyperparameters(hp: Hyperparameters) -> None:
@@ -148,8 +172,12 @@ def validate_hyperparameters(hp: Hyperparameters) -> None:
         )
     if not 0.0 <= hp.general_share < 1.0:
         raise TrainInputError(f"--general-share must be in [0, 1) (got {hp.general_share}).")
-    if hp.learning_rate <= 0:
+    if not hp.learning_rate > 0:
         raise TrainInputError(f"--learning-rate must be positive (got {hp.learning_rate}).")
+    if not hp.weight_decay >= 0:
+        raise TrainInputError(f"--weight-decay must be at least 0 (got {hp.weight_decay}).")
+    if not hp.max_grad_norm >= 0:
+        raise TrainInputError(f"--max-grad-norm must be at least 0 (0 = no clipping; got {hp.max_grad_norm}).")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(hp, name) < 1.0:
             raise TrainInputError(f"--{name.replace('_', '-')} must be in [0, 1) (got {getattr(hp, name)}).")
@@ -372,6 +400,11 @@ def _trainer_classes() -> tuple[type, type]:
                 control.should_save = True
             return control
 
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+            # The Trainer has just written checkpoint-<step>: replace its pickles before anything can load them.
+            seal_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            return control
+
         def elapsed(self) -> float:
             return time.monotonic() - self.start
 
@@ -408,7 +441,7 @@ def _training_arguments(config: TrainConfig, hp: Hyperparameters, checkpoint_dir
     )
 
 
-def _checkpoint_step(checkpoint: str) -> int:
+def _checkpoint_step(checkpoint: str | Path) -> int:
     """The optimizer step of a Trainer checkpoint folder (``checkpoint-<step>``)."""
     return int(Path(checkpoint).name.rsplit("-", 1)[-1])
 
@@ -429,15 +462,75 @@ def _load_finished_checkpoint(trainer: Any, checkpoint: Path) -> None:
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
 
 
-def prepare_checkpoint_dir(checkpoint_dir: Path, run_identity: dict[str, Any], resume: bool) -> str | None:
-    """Make the checkpoint folder ready; return the checkpoint to resume from, if any.
+# What each part of the run identity is called in the one-line reason for a restart.
+IDENTITY_NAMES = {
+    ("model", "tokenizer_sha256"): "the tokenizer",
+    ("model", "weights_sha256"): "the model weights",
+    ("model", "config_sha256"): "the model's config.json",
+    ("data", "domain"): "the domain data",
+    ("data", "general"): "the general data",
+    ("seed",): "--seed",
+}
 
-    A folder from another configuration is refused (except for the parameters in
-    ``RESUMABLE_CHANGES``); ``resume=False`` clears a folder this stage wrote before.
+
+def changed_inputs(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between two run identities, in words (``the tokenizer``, ``--learning-rate`` ...)."""
+    names: list[str] = []
+    if previous.get("format") != current.get("format"):
+        return ["the checkpoints' record (written by an older version of this stage)"]
+    for key, name in IDENTITY_NAMES.items():
+        old, new = previous, current
+        for part in key:
+            old, new = (old or {}).get(part), (new or {}).get(part)
+        if old != new:
+            names.append(name)
+    old_hp, new_hp = previous.get("hyperparameters") or {}, current.get("hyperparameters") or {}
+    names += [f"--{k.replace('_', '-')}" for k in sorted(set(old_hp) | set(new_hp)) if old_hp.get(k) != new_hp.get(k)]
+    return names
+
+
+def restart_reason(changes: list[str], model_dir: Path) -> str:
+    """The one line printed when a rerun trains afresh, naming what changed first."""
+    first, rest = changes[0], changes[1:]
+    also = f" (and {', '.join(rest)})" if rest else ""
+    return f"{first}{also} changed since the checkpoints were written: training afresh from {model_dir}"
+
+
+def _remove_unfinished_checkpoints(checkpoint_dir: Path) -> None:
+    """Delete checkpoint folders whose save never finished (killed mid-save): they are never loaded."""
+    for folder in sorted(checkpoint_dir.glob("checkpoint-*")):
+        if folder.is_dir() and not is_sealed(folder):
+            print(f"removing {folder}: its save did not finish (or an older version wrote it); it is not loaded")
+            shutil.rmtree(folder)
+
+
+def latest_safe_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest finished checkpoint, checked file by file; a tampered or foreign one is refused."""
+    folders = [f for f in checkpoint_dir.glob("checkpoint-*") if f.is_dir() and f.name.split("-")[-1].isdigit()]
+    if not folders:
+        return None
+    latest = max(folders, key=_checkpoint_step)
+    problem = checkpoint_problem(latest)
+    if problem:
+        raise TrainInputError(
+            f"not resuming: {problem}. This stage loads only checkpoints it wrote itself (no pickle files); "
+            f"delete {latest}, or pass --no-resume to start over."
+        )
+    return latest
+
+
+def prepare_checkpoint_dir(
+    checkpoint_dir: Path, run_identity: dict[str, Any], resume: bool, on_changed: str = "restart",
+    model_dir: Path | None = None,
+) -> tuple[Path | None, str | None]:
+    """Make the checkpoint folder ready: ``(checkpoint to resume from or None, reason for a restart or None)``.
+
+    Checkpoints of other inputs or hyperparameters (all but ``RESUMABLE_CHANGES``) are deleted with a
+    one-line reason (``on_changed="restart"``) or refused (``"refuse"``); ``resume=False`` clears a
+    folder this stage wrote before. Call with the checkpoint folder's lock held.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     record = checkpoint_dir / RUN_CONFIG
+    reason = None
     if checkpoint_dir.exists() and any(checkpoint_dir.iterdir()):
         if not record.is_file():
             raise TrainInputError(
@@ -448,16 +541,21 @@ def prepare_checkpoint_dir(checkpoint_dir: Path, run_identity: dict[str, Any], r
             shutil.rmtree(checkpoint_dir)
         else:
             previous = json.loads(record.read_text(encoding="utf-8"))
-            keys = set(previous) | set(run_identity)
-            changed = sorted(k for k in keys if previous.get(k) != run_identity.get(k))
-            if changed:
+            changes = changed_inputs(previous, run_identity)
+            if changes and on_changed == "refuse":
                 raise TrainInputError(
-                    f"checkpoints in {checkpoint_dir} come from a run with other {', '.join(changed)}; "
-                    "pass --no-resume to start over, or another --output."
+                    f"checkpoints in {checkpoint_dir} come from a run with other inputs: {', '.join(changes)} "
+                    "changed. Pass --on-changed-inputs restart (or --no-resume) to train afresh, or another --output."
                 )
+            if changes:
+                reason = restart_reason(changes, model_dir or Path("the given model"))
+                shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     write_json(record, run_identity)
-    return get_last_checkpoint(str(checkpoint_dir)) if resume else None
+    if not resume:
+        return None, reason
+    _remove_unfinished_checkpoints(checkpoint_dir)
+    return latest_safe_checkpoint(checkpoint_dir), reason
 
 
 def validation_losses(
@@ -505,11 +603,40 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: Path, title: str) -
 
 
 def _data_fingerprint(prefix: Path) -> dict[str, Any]:
+    """Content hashes of a dataset: its sidecar (tokenizer, counts) and its training split's index."""
     return {
-        "prefix": str(prefix),
         "sidecar_sha256": file_sha256(f"{prefix}.dapt.json"),
         "train_idx_sha256": file_sha256(f"{split_prefix(prefix, 'train')}.idx"),
     }
+
+
+def run_identity(config: TrainConfig, hp: Hyperparameters, model_dir: Path, tokenizer_sha: str,
+                 sources: list[tuple[str, Path, float]]) -> dict[str, Any]:
+    """What decides the trained model: hyperparameters (all but ``RESUMABLE_CHANGES``), seed, input contents.
+
+    Paths are left out, so the same files reached from another folder or working directory still resume.
+    """
+    return {
+        "format": IDENTITY_FORMAT,
+        "hyperparameters": {k: v for k, v in asdict(hp).items() if k not in RESUMABLE_CHANGES},
+        "seed": config.seed,
+        "model": {"tokenizer_sha256": tokenizer_sha,
+                  "config_sha256": file_sha256(model_dir / "config.json"),
+                  "weights_sha256": {p.name: file_sha256(p) for p in sorted(model_dir.glob("*.safetensors"))}},
+        "data": {name: _data_fingerprint(prefix) for name, prefix, _ in sources},
+    }
+
+
+def remove_stale_output(output: Path, identity: dict[str, Any]) -> bool:
+    """Delete an earlier output of this stage trained from other inputs, so none outlives a failed rerun."""
+    manifest = read_manifest(output)
+    if not manifest or manifest.get("stage") != "train":
+        return False
+    if (manifest.get("parameters") or {}).get("identity") == identity:
+        return False
+    with output_lock(output, "train"):
+        shutil.rmtree(output)
+    return True
 
 
 def _blend_sources(config: TrainConfig, hp: Hyperparameters) -> list[tuple[str, Path, float]]:
@@ -536,7 +663,7 @@ def train(config: TrainConfig) -> Path:
 
     import torch
 
-    if config.threads:
+    if config.threads is not None:
         torch.set_num_threads(config.threads)
     model = load_model(model_dir)
     vocab_rows = model.get_input_embeddings().num_embeddings
@@ -553,29 +680,57 @@ def train(config: TrainConfig) -> Path:
 
     output = Path(config.output).absolute()
     checkpoint_dir = Path(config.checkpoint_dir or output.with_name(output.name + "_checkpoints")).absolute()
-    inputs = {"model": {"path": str(model_dir), "tokenizer_sha256": tokenizer_sha,
-                        "weights_sha256": {p.name: file_sha256(p) for p in sorted(model_dir.glob("*.safetensors"))},
-                        "stage": (read_manifest(model_dir) or {}).get("stage")},
-              "data": {name: _data_fingerprint(prefix) for name, prefix, _ in sources}}
-    identity = {"hyperparameters": {k: v for k, v in asdict(hp).items() if k not in RESUMABLE_CHANGES},
-                "seed": config.seed, "inputs": inputs}
-    resume_from = prepare_checkpoint_dir(checkpoint_dir, identity, config.resume)
+    identity = run_identity(config, hp, model_dir, tokenizer_sha, sources)
+    inputs = {"model": {"path": str(model_dir.absolute()), "stage": (read_manifest(model_dir) or {}).get("stage"),
+                        **identity["model"]},
+              "data": {name: {"prefix": str(Path(prefix).absolute()), **identity["data"][name]}
+                       for name, prefix, _ in sources}}
+    with output_lock(checkpoint_dir, "train", leftovers=[f"{checkpoint_dir.name}/.resume-*"]):
+        resume_from, reason = prepare_checkpoint_dir(checkpoint_dir, identity, config.resume,
+                                                     config.on_changed_inputs, model_dir)
+        if remove_stale_output(output, identity):
+            reason = (reason or f"{output} was trained from other inputs: training afresh from {model_dir}")
+            reason += f"; the stale {output.name}/ was removed"
+        if reason:
+            print(reason)
 
-    trainer_cls, callback_cls = _trainer_classes()
-    budget = callback_cls(config.time_budget_s)
-    dataset = _blended_dataset_class()(train_streams, [weight for _, _, weight in sources])
-    trainer = trainer_cls(model=model, args=_training_arguments(config, hp, checkpoint_dir),
-                          train_dataset=dataset, callbacks=[budget])
-    if resume_from is not None and _checkpoint_step(resume_from) >= hp.max_steps:
-        _load_finished_checkpoint(trainer, Path(resume_from))
-        budget.start = time.monotonic()
-        budget.first_step = budget.last_step = trainer.state.global_step
-    else:
-        trainer.train(resume_from_checkpoint=resume_from)
-    elapsed = budget.elapsed()
-    steps_now = budget.last_step - budget.first_step
+        trainer_cls, callback_cls = _trainer_classes()
+        budget = callback_cls(config.time_budget_s)
+        dataset = _blended_dataset_class()(train_streams, [weight for _, _, weight in sources])
+        trainer = trainer_cls(model=model, args=_training_arguments(config, hp, checkpoint_dir),
+                              train_dataset=dataset, callbacks=[budget])
+        if resume_from is not None and _checkpoint_step(resume_from) >= hp.max_steps:
+            _load_finished_checkpoint(trainer, resume_from)
+            budget.start = time.monotonic()
+            budget.first_step = budget.last_step = trainer.state.global_step
+        elif resume_from is not None:
+            with materialised(resume_from, checkpoint_dir) as private_copy:
+                trainer.train(resume_from_checkpoint=str(private_copy))
+        else:
+            trainer.train()
+        elapsed = budget.elapsed()
+        steps_now = budget.last_step - budget.first_step
+        state = trainer.state
+        output = _finish(config, hp, trainer, sources, model_dir, output, identity, inputs, {
+            "steps": state.global_step,
+            "steps_this_session": steps_now,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "restarted_because": reason,
+            "stopped_by": "time_budget" if budget.stopped_by_budget else "max_steps",
+            "tokens_seen": state.global_step * hp.tokens_per_step,
+            "train_seconds_this_session": round(elapsed, 2),
+            "tokens_per_second": round(steps_now * hp.tokens_per_step / elapsed, 1) if elapsed > 0 else None,
+        })
+    return output
+
+
+def _finish(config: TrainConfig, hp: Hyperparameters, trainer: Any, sources: list[tuple[str, Path, float]],
+            model_dir: Path, output: Path, identity: dict[str, Any], inputs: dict[str, Any],
+            report: dict[str, Any]) -> Path:
+    """Score the validation splits and write the output folder (model, tokenizer, report, loss plot)."""
+    import torch
+
     state = trainer.state
-
     val_streams = {}
     if config.validation_windows > 0:
         for name, prefix, _ in sources:
@@ -584,13 +739,7 @@ def train(config: TrainConfig) -> Path:
     val = validation_losses(trainer.model, val_streams, config.validation_windows, hp.micro_batch_size)
 
     report = {
-        "steps": state.global_step,
-        "steps_this_session": steps_now,
-        "resumed_from": resume_from,
-        "stopped_by": "time_budget" if budget.stopped_by_budget else "max_steps",
-        "tokens_seen": state.global_step * hp.tokens_per_step,
-        "train_seconds_this_session": round(elapsed, 2),
-        "tokens_per_second": round(steps_now * hp.tokens_per_step / elapsed, 1) if elapsed > 0 else None,
+        **report,
         "final_loss": next((e["loss"] for e in reversed(state.log_history) if "loss" in e), None),
         "validation_loss_nats": val,
         "validation_bits_per_token": {k: v / math.log(2) for k, v in val.items()},
@@ -599,7 +748,8 @@ def train(config: TrainConfig) -> Path:
         "hyperparameters": {**asdict(hp), "gradient_accumulation_steps": hp.gradient_accumulation_steps},
         "log_history": state.log_history,
     }
-    with stage_output(output, "train", {**asdict(config), "resolved": asdict(hp)}, inputs) as tmp:
+    parameters = {**asdict(config), "resolved": asdict(hp), "identity": identity}
+    with stage_output(output, "train", parameters, inputs) as tmp:
         trainer.model.save_pretrained(str(tmp), safe_serialization=True)
         copy_tokenizer_files(model_dir, tmp)
         write_json(tmp / "train_report.json", report)
