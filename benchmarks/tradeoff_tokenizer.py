@@ -10,7 +10,7 @@ Llama 2 tokenizer, sequentially (about a minute per build on 2 cores):
   chipnemo also with ``--freq-threshold 1.0``, so the cap and not the 98% cut sets its count;
 * the default settings of each method (no options besides the paths);
 * the headline: guided-bpe capped at 4,374 added tokens (the original recipe's count) against
-  chipnemo at its defaults, as a markdown table from ``dapt.tokenizer_report.comparison_table``.
+  chipnemo at its defaults, as a markdown table from ``dapt.tokenizer.report.comparison_table``.
 
 Each run's folder (with its report.json) stays under ``--work``. Writes the results as JSON
 (``--json``) and the trade-off plot (``--plot``), and prints both tables. Skips with a reason
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO / "code"))  # a PYTHONPATH or installed dapt comes first
 
 import dapt  # noqa: E402
-from dapt.tokenizer_report import comparison_table  # noqa: E402
+from dapt.tokenizer.report import comparison_table  # noqa: E402
 
 HEADLINE_CAP = 4374  # tokens the original recipe added on ../shared/data (issue 2)
 SWEEP_DOMAIN_VOCAB = 32000

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+import tokenizer_golden as golden
 
-from dapt import guided_bpe
 from dapt.cli import main as cli
 from dapt.corpus import load_corpus, mask_blobs, mask_blobs_by_line
 from dapt.tokenizer import (
@@ -20,14 +20,14 @@ from dapt.tokenizer import (
     NORMAL,
     USER_DEFINED,
     ChunkEncoder,
-    TrainingLines,
-    _training_lines,
-    cumulative_cut,
-    general_document_frequency,
+    guided_bpe,
     hf_tokenizer_files,
     load_proto,
     processor,
 )
+from dapt.tokenizer.candidates import general_document_frequency
+from dapt.tokenizer.chipnemo import cumulative_cut
+from dapt.tokenizer.domain_tokenizer import TrainingLines, _training_lines
 
 
 def _run(shared_data: Path, llama2_tokenizer: Path, output: Path, *extra: str) -> int:
@@ -40,18 +40,51 @@ def _run(shared_data: Path, llama2_tokenizer: Path, output: Path, *extra: str) -
     ])
 
 
+def _shared_case(method: str, shared_data: Path, out: Path) -> Path:
+    """One of the ../shared cases of tokenizer_golden.py (Llama 2, domain vocabulary 8,000, cap 1,500)."""
+    roots = golden.shared_inputs(shared_data.parent)
+    assert cli(golden.tokenizer_arguments(roots, method, golden.SHARED_OPTIONS, out)) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def guided(shared_data: Path, llama2_tokenizer: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("guided") / "tok"
-    assert _run(shared_data, llama2_tokenizer, out, "--max-added-tokens", "1500") == 0
-    return out
+    return _shared_case("guided-bpe", shared_data, tmp_path_factory.mktemp("guided") / "tok")
 
 
 @pytest.fixture(scope="module")
 def chipnemo(shared_data: Path, llama2_tokenizer: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("chipnemo") / "tok"
-    assert _run(shared_data, llama2_tokenizer, out, "--method", "chipnemo") == 0
-    return out
+    return _shared_case("chipnemo", shared_data, tmp_path_factory.mktemp("chipnemo") / "tok")
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The tiny profile's inputs (embedded sample, miniature base) and both methods' folders at its values."""
+    folder = tmp_path_factory.mktemp("tiny")
+    roots = golden.tiny_inputs(folder, cli)
+    outputs = {}
+    for method in golden.METHODS:
+        outputs[method] = folder / method
+        assert cli(golden.tokenizer_arguments(roots, method, golden.TINY_OPTIONS, outputs[method])) == 0
+    return roots, outputs
+
+
+@pytest.mark.parametrize("case", [f"{suite}-{method}" for suite in ("tiny", "shared") for method in golden.METHODS])
+def test_outputs_equal_the_recorded_pre_split_outputs(case: str, request) -> None:
+    """tokenizer.model, the HF files, domain_tokens.json and report.json (timings aside) are byte for byte those
+    the code before the package split wrote on the same inputs with the same library versions."""
+    suite, method = case.split("-", 1)
+    if suite == "tiny":
+        roots, outputs = request.getfixturevalue("tiny_runs")
+        folder = outputs[method]
+    else:
+        folder = request.getfixturevalue("guided" if method == "guided-bpe" else "chipnemo")
+        roots = golden.shared_inputs(request.getfixturevalue("shared_data").parent)
+    inputs, digests = golden.case_fingerprints(suite, roots, folder)
+    record, why = golden.matching_record(case, golden.library_versions(), inputs)
+    if record is None:
+        pytest.skip(why)
+    assert digests == record["outputs"], f"{case}: outputs differ from those of commit {record['commit']}"
 
 
 def test_trainer_settings_are_llama2s(llama2_tokenizer: Path) -> None:

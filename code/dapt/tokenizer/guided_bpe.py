@@ -1,4 +1,5 @@
-"""Continued BPE merges on top of a SentencePiece BPE model's own segmentation.
+"""Recipe step 3, the default method (``--method guided-bpe``): continued BPE merges on top of the base
+model's own segmentation, guided by the domain tokenizer.
 
 The base model segments the domain (and general) corpus; its final pieces become
 the starting symbols. New merges are learned over those symbols, word by word, and
@@ -17,11 +18,16 @@ from __future__ import annotations
 
 import heapq
 import re
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
+
+from dapt.compat import sentencepiece_model_pb2 as sp_pb2
+from dapt.tokenizer.candidates import Candidates, Selection
+from dapt.tokenizer.sentencepiece_model import NORMAL
 
 WORD_START = "▁"
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -342,3 +348,33 @@ def _closure(piece: str, parents: dict[str, tuple[str, str]]) -> set[str]:
             needed.add(current)
             stack.extend(parents[current])
     return needed
+
+
+def select_guided_bpe(
+    base: sp_pb2.ModelProto, candidates: Candidates, pairs: PairStats, threshold: float, max_added: int | None,
+    general_penalty: float, min_domain_count: int, guide_bonus: float,
+) -> Selection:
+    """Continued BPE over the base segmentation (``pairs``: :func:`pair_statistics`), guided by the candidates:
+    learn up to ``max_added`` merges (or as many as there are candidates), keep them by :func:`select_by_use`."""
+    vocab = {p.piece for p in base.pieces}
+    started = time.perf_counter()
+    guide = {c[i:j] for c in candidates.pieces for i in range(len(c)) for j in range(i + 2, len(c) + 1)}
+    budget = max_added or len(candidates.pieces)
+    result = learn_merges(
+        pairs, vocab, max_merges=budget, general_penalty=general_penalty, min_domain_count=min_domain_count,
+        guide=guide, guide_bonus=guide_bonus, split_digits=base.trainer_spec.split_digits,
+    )
+    kept = select_by_use(result, threshold, max_added)
+    candidate_set = set(candidates.pieces)
+    return Selection(
+        pieces=[m.piece for m in kept],
+        piece_type=NORMAL,
+        domain_use={m.piece: result.final_use.get(m.piece, 0) for m in kept},
+        details={
+            "merges_learned": len(result.merges),
+            "merges_kept": len(kept),
+            "guided_pieces": sum(1 for m in kept if m.piece in guide),
+            "candidate_pieces_added": sum(1 for m in kept if m.piece in candidate_set),
+            "bpe_seconds": round(time.perf_counter() - started, 2),
+        },
+    )
