@@ -8,11 +8,12 @@ only, holds a letter, is no fragment of an encoded blob, and occurs (as a substr
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from dapt.compat import sentencepiece_model_pb2 as sp_pb2
 from dapt.corpus import Corpus, looks_like_blob
+from dapt.tokenizer.chunked_encoding import line_slices
 from dapt.tokenizer.sentencepiece_model import NORMAL
 
 
@@ -39,35 +40,56 @@ def _texts_of(corpus: Corpus | Iterable[str]) -> Iterable[str]:
     return (d.text for d in corpus.documents) if isinstance(corpus, Corpus) else corpus
 
 
-def general_document_frequency(pieces: list[str], general: Corpus | Iterable[str]) -> Counter:
-    """In how many general documents each piece occurs as a substring, in one pass over the corpus.
+class DocumentFrequency:
+    """In how many documents each piece occurs as a substring: a running count, one document at a time.
 
-    ``general`` is a loaded corpus or any iterable of document texts (a stream).
-    Text is compared in SentencePiece's normalised form (spaces as '▁', a leading
-    '▁'), so a piece matches wherever SentencePiece could see it. One Aho-Corasick
-    automaton scans each document once, whatever the number of pieces.
+    Text is compared in SentencePiece's normalised form (spaces as '▁', a leading '▁'), so a piece matches
+    wherever SentencePiece could see it. One Aho-Corasick automaton scans each document once, whatever the
+    number of pieces; a long document is scanned in slices that overlap by one piece length less one, so
+    a piece that spans two slices is found too.
     """
-    import ahocorasick
 
-    automaton = ahocorasick.Automaton()
-    for index, piece in enumerate(pieces):
-        automaton.add_word(piece, index)
-    automaton.make_automaton()
-    doc_freq: Counter = Counter()
+    def __init__(self, pieces: list[str]):
+        import ahocorasick
+
+        self.pieces = pieces
+        self.automaton = ahocorasick.Automaton()
+        for index, piece in enumerate(pieces):
+            self.automaton.add_word(piece, index)
+        self.automaton.make_automaton()
+        self.overlap = max(map(len, pieces), default=1) - 1
+        self.counts: Counter = Counter()
+
+    def add(self, text: str) -> None:
+        """Count the pieces that occur in one document."""
+        found: set[int] = set()
+        context = "▁"
+        for piece in line_slices(text):
+            normalised = context + piece.replace(" ", "▁")
+            found.update(index for _, index in self.automaton.iter(normalised))
+            context = normalised[-self.overlap:] if self.overlap else ""
+        self.counts.update(self.pieces[index] for index in found)
+
+
+def general_document_frequency(pieces: list[str], general: Corpus | Iterable[str]) -> Counter:
+    """In how many documents of ``general`` (a loaded corpus or document texts) each piece occurs."""
+    counter = DocumentFrequency(pieces)
     for text in _texts_of(general):
-        normalised = "▁" + text.replace(" ", "▁")
-        doc_freq.update({pieces[index] for _, index in automaton.iter(normalised)})
-    return doc_freq
+        counter.add(text)
+    return counter.counts
 
 
 def find_candidates(
     domain_model: sp_pb2.ModelProto,
     base_vocab: set[str],
-    general: Corpus | Iterable[str],
+    general_frequency: Callable[[list[str]], Counter],
     occur_limit: int,
     require_letter: bool = True,
 ) -> Candidates:
-    """Domain pieces absent from the base, not blob fragments, occurring in at most ``occur_limit`` general docs."""
+    """Domain pieces absent from the base, not blob fragments, occurring in at most ``occur_limit`` general docs.
+
+    ``general_frequency(pieces)`` counts the general documents holding each piece (one pass over the corpus).
+    """
     dropped: Counter = Counter()
     shaped = []
     for entry in domain_model.pieces:
@@ -87,7 +109,7 @@ def find_candidates(
             dropped[reason] += 1
         else:
             shaped.append(piece)
-    doc_freq = general_document_frequency(shaped, general) if shaped else Counter()
+    doc_freq = general_frequency(shaped) if shaped else Counter()
     kept = [p for p in shaped if doc_freq[p] <= occur_limit]
     if len(kept) < len(shaped):
         dropped["frequent in general data"] = len(shaped) - len(kept)

@@ -9,13 +9,12 @@ method is kept to measure that against the default (see docs/tokenizer.md).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 
 from dapt.compat import sentencepiece_model_pb2 as sp_pb2
 from dapt.tokenizer.candidates import Candidates, Selection
-from dapt.tokenizer.chunked_encoding import ChunkEncoder, encode_texts
-from dapt.tokenizer.corpus_passes import StreamedCorpus, adapted_pass
 from dapt.tokenizer.extend import extend_model
 from dapt.tokenizer.sentencepiece_model import USER_DEFINED
 
@@ -30,16 +29,16 @@ def cumulative_cut(counts: list[int], threshold: float) -> int:
 
 
 def select_chipnemo(
-    base: sp_pb2.ModelProto, candidates: Candidates, domain: StreamedCorpus | list[str], threshold: float,
-    max_added: int | None,
+    base: sp_pb2.ModelProto, candidates: Candidates, count_uses: Callable[[sp_pb2.ModelProto], Counter],
+    threshold: float, max_added: int | None,
 ) -> Selection:
-    """The original recipe, fixed: extend with all candidates as USER_DEFINED, keep the most used."""
+    """The original recipe, fixed: extend with all candidates as USER_DEFINED, keep the most used.
+
+    ``count_uses(model)`` counts each id's uses in the domain data's segmentation with ``model`` (one pass).
+    """
     extended = extend_model(base, candidates.pieces, USER_DEFINED)
     first_new = len(base.pieces)
-    if isinstance(domain, StreamedCorpus):
-        uses, _ = adapted_pass(domain, ChunkEncoder(extended), first_new)
-    else:
-        uses = Counter(i for ids in encode_texts(extended, domain) for i in ids if i >= first_new)
+    uses = count_uses(extended)
     ranked = sorted(((uses[first_new + k], p) for k, p in enumerate(candidates.pieces) if uses[first_new + k] > 0),
                     key=lambda item: (-item[0], item[1]))
     keep = cumulative_cut([count for count, _ in ranked], threshold)

@@ -1,20 +1,70 @@
-"""Exact SentencePiece ids, fast: each distinct space-delimited chunk of a corpus is encoded once.
+"""Exact SentencePiece ids, fast and in bounded memory: each distinct space-delimited chunk is encoded once.
 
 Every corpus pass of the recipe (the base segmentation, the adapted segmentation, the selection's use
 counts) encodes millions of documents whose chunks (a run of spaces and the word after it) repeat. When
 :func:`chunk_safe` holds, encoding a text equals encoding its chunks one by one, so a cache of chunk ids
-gives the exact ids several times faster than encoding whole documents.
+gives the exact ids several times faster than encoding whole documents. For the same reason a long
+document can be taken in bounded pieces: :func:`line_slices` cuts it after line breaks (where blob
+masking may cut it too), :func:`chunk_aligned` re-cuts any stream of pieces at chunk starts.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from dapt.compat import sentencepiece_model_pb2 as sp_pb2
 from dapt.tokenizer.sentencepiece_model import processor, without_dummy_prefix
 
 _CHUNK = re.compile(r" +[^ ]*|[^ ]+")
+SEGMENT_CHARS = 1_000_000  # a document longer than this is taken in pieces of about this size
+
+
+def line_slices(text: str, size: int = SEGMENT_CHARS) -> Iterator[str]:
+    """``text`` in consecutive slices of about ``size`` characters, each ending just after a line break.
+
+    A slice is longer only where one line is; the slices' concatenation is ``text``.
+    """
+    start, end = 0, len(text)
+    while end - start > size:
+        cut = text.rfind("\n", start, start + size) + 1
+        if cut <= start:
+            cut = text.find("\n", start + size) + 1 or end
+        yield text[start:cut]
+        start = cut
+    if start < end:
+        yield text[start:]
+
+
+def _last_chunk_start(piece: str) -> int:
+    """Position of the last run of spaces in ``piece`` (its first space), or -1."""
+    position = piece.rfind(" ")
+    while position > 0 and piece[position - 1] == " ":
+        position -= 1
+    return position
+
+
+def chunk_aligned(pieces: Iterable[str]) -> Iterator[str]:
+    """The concatenation of ``pieces`` cut only at chunk starts (the first space of a run of spaces).
+
+    Each piece yielded holds whole chunks of the concatenated text, so encoding the pieces one by one, the
+    first with the dummy prefix, gives the text's ids (see :func:`chunk_safe`).
+    """
+    carry: list[str] = []
+    last = ""  # the last character of the text carried so far
+    for piece in pieces:
+        if not piece:
+            continue
+        cut = _last_chunk_start(piece)
+        if cut > 0 or (cut == 0 and last not in ("", " ")):
+            carry.append(piece[:cut])
+            yield "".join(carry)
+            carry = [piece[cut:]]
+        else:
+            carry.append(piece)
+        last = piece[-1]
+    if carry:
+        yield "".join(carry)
 
 
 def chunk_safe(model: sp_pb2.ModelProto) -> bool:
@@ -48,12 +98,12 @@ class ChunkEncoder:
         self.pieces = [p.piece for p in model.pieces]
         self.cache: dict[str, list[int]] = {}
 
-    def units(self, text: str) -> list[str]:
-        """The pieces of ``text`` that are encoded independently."""
+    def units(self, text: str, first: bool = True) -> list[str]:
+        """The pieces of ``text`` that are encoded independently (``first``: the text starts a document)."""
         if not self.chunked:
             return [text]
         chunks = _CHUNK.findall(text)
-        if chunks:
+        if chunks and first:
             chunks[0] = self.prefix + chunks[0]
         return chunks
 

@@ -3,14 +3,16 @@
 SentencePiece trains on lines. The domain corpus's non-blank lines are the training text, at most
 ``limit`` of them (:class:`TrainingLines`: a fixed, order-independent hash sample beyond the cap, so the
 training's memory and time stay bounded whatever the corpus size). The training runs in a child process
-(:class:`DomainTrainer`) while the main process segments the corpora with the base model.
+(a worker process, :class:`TrainDomainTokenizer`) while the other workers segment the corpora with the base
+model. SentencePiece's BPE trainer gives other pieces with another thread count, so it always runs with
+:data:`TRAINING_THREADS`, whatever the number of cores.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from itertools import repeat
 
 import sentencepiece as spm
@@ -41,6 +43,9 @@ LLAMA2_TRAINER_SETTINGS = {
 }
 
 
+TRAINING_THREADS = 2  # SentencePiece's trainer: 1, 2 and 4 threads give three different models
+
+
 def _training_lines(texts: Iterable[str]) -> list[str]:
     """SentencePiece trains on lines: split documents, drop blank lines."""
     return [line for text in texts for line in text.split("\n") if line.strip()]
@@ -52,38 +57,63 @@ class TrainingLines:
     Below the limit every non-blank line is kept in corpus order. Above it, the
     lines with the smallest (CRC-32, text) keys are kept, in key order: the same
     sample whatever order the documents come in, and memory bounded by the limit.
+    Samples of consecutive parts of a corpus (its batches, in worker processes)
+    :meth:`merge` into the sample of the whole; a part's sample can start from the
+    whole's current ``cutoff`` so that it keeps only lines that may still be chosen.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, cutoff: tuple[int, str] | None = None):
         self.limit = limit
         self.seen = 0
         self.lines: list[str] = []
-        self.keyed: list[tuple[int, str]] | None = None
-        self.cutoff = (1 << 32, "")
+        self.keyed: list[tuple[int, str]] | None = None if cutoff is None else []
+        self.cutoff = cutoff or (1 << 32, "")
 
     def add(self, text: str) -> None:
+        """Add the non-blank lines of ``text`` (whole lines: it ends at a line break or at a document's end)."""
         lines = [line for line in text.split("\n") if line.strip()]
         self.seen += len(lines)
         if self.keyed is None:
             self.lines.extend(lines)
             if len(self.lines) > self.limit:
-                self.keyed = []
-                self._add_keyed(self.lines)
-                self.lines = []
+                self._start_keying()
         else:
-            self._add_keyed(lines)
+            self._add_keyed(_keyed(lines))
 
-    def _add_keyed(self, lines: list[str]) -> None:
-        keys = map(zlib.crc32, map(str.encode, lines, repeat("utf-8", len(lines)), repeat("surrogatepass", len(lines))))
+    def merge(self, part: TrainingLines) -> None:
+        """Add the sample of the next part of the corpus."""
+        self.seen += part.seen
+        if self.keyed is None and part.keyed is None:
+            self.lines.extend(part.lines)
+            if len(self.lines) > self.limit:
+                self._start_keying()
+            return
+        if self.keyed is None:
+            self._start_keying()
+        self._add_keyed(part.keyed if part.keyed is not None else _keyed(part.lines))
+
+    def _start_keying(self) -> None:
+        self.keyed = []
+        self._add_keyed(_keyed(self.lines))
+        self.lines = []
+
+    def _add_keyed(self, pairs: list[tuple[int, str]]) -> None:
         cut_key = self.cutoff[0]
-        self.keyed.extend((k, line) for k, line in zip(keys, lines) if k <= cut_key)
+        self.keyed.extend(pair for pair in pairs if pair[0] <= cut_key)
         if len(self.keyed) > self.limit + self.limit // 2:
             self._shrink()
 
     def _shrink(self) -> None:
         self.keyed.sort()
         del self.keyed[self.limit:]
-        self.cutoff = self.keyed[-1]
+        if self.keyed:
+            self.cutoff = self.keyed[-1]
+
+    def compact(self) -> TrainingLines:
+        """Drop the lines that can no longer be chosen (before sending a part's sample on)."""
+        if self.keyed is not None and len(self.keyed) > self.limit:
+            self._shrink()
+        return self
 
     def result(self) -> list[str]:
         """The kept lines."""
@@ -93,7 +123,13 @@ class TrainingLines:
         return [line for _, line in self.keyed]
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, settings: dict, threads: int = 2,
+def _keyed(lines: list[str]) -> list[tuple[int, str]]:
+    """(CRC-32 of the UTF-8 bytes, line) for each line."""
+    encoded = map(str.encode, lines, repeat("utf-8", len(lines)), repeat("surrogatepass", len(lines)))
+    return list(zip(map(zlib.crc32, encoded), lines))
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, settings: dict, threads: int = TRAINING_THREADS,
                         lines: list[str] | None = None) -> sp_pb2.ModelProto:
     """Train a SentencePiece model in memory on the lines of ``texts`` (or on ``lines`` as given)."""
     lines = _training_lines(texts) if lines is None else lines
@@ -133,54 +169,13 @@ def _train_serialized(lines: list[str], vocab_size: int, settings: dict) -> byte
     return train_sentencepiece((), vocab_size, settings, lines=lines).SerializeToString()
 
 
-def _train_in_child(connection, lines: list[str], vocab_size: int, settings: dict) -> None:
-    """Child-process entry: send back the serialised model, or the error."""
-    try:
-        connection.send((True, _train_serialized(lines, vocab_size, settings)))
-    except BaseException as error:  # noqa: BLE001 - the parent re-raises it
-        connection.send((False, error))
-    finally:
-        connection.close()
+@dataclass
+class TrainDomainTokenizer:
+    """The training as a task for a worker process (see :mod:`dapt.tokenizer.workers`): returns the model's bytes."""
 
+    lines: list[str]
+    vocab_size: int
+    settings: dict
 
-class DomainTrainer:
-    """Trains the domain tokenizer in a child process (``workers`` >= 2) or, when asked for, in this one."""
-
-    def __init__(self, lines: list[str], vocab_size: int, settings: dict, workers: int):
-        self.args = (lines, vocab_size, settings)
-        self.process = None
-        if workers >= 2:
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-            context = multiprocessing.get_context(method)
-            self.connection, child_end = context.Pipe(duplex=False)
-            self.process = context.Process(target=_train_in_child, args=(child_end, *self.args), daemon=True)
-            self.process.start()
-            child_end.close()
-
-    def running(self) -> bool:
-        """True while the child process has not sent its result."""
-        return self.process is not None and not self.connection.poll()
-
-    def result(self) -> sp_pb2.ModelProto:
-        """The trained model (waits for the child process)."""
-        if self.process is None:
-            data = _train_serialized(*self.args)
-        else:
-            try:
-                ok, data = self.connection.recv()
-            except EOFError:
-                raise TokenizerError("the domain tokenizer's training process died (out of memory?).") from None
-            self.process.join()
-            self.close()
-            if not ok:
-                raise data
-        return parse_proto(data)
-
-    def close(self) -> None:
-        """Wait for the child process, stopping it first if its result is no longer wanted."""
-        if self.process is not None:
-            if self.process.is_alive() and not self.connection.poll():
-                self.process.terminate()
-            self.process.join()
-            self.connection.close()
-            self.process = None
+    def run(self) -> bytes:
+        return _train_serialized(self.lines, self.vocab_size, self.settings)

@@ -9,7 +9,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from dapt.compat import sentencepiece_model_pb2 as sp_pb2
-from dapt.corpus import Corpus, CorpusError, Document, load_corpus
+from dapt.corpus import Corpus, CorpusError, load_corpus
 from dapt.tokenizer.sentencepiece_model import processor
 
 
@@ -59,12 +59,13 @@ class CorpusSums:
         self.groups: dict[str, dict[str, GroupSums]] = {"by_source": defaultdict(GroupSums),
                                                         "by_file_type": defaultdict(GroupSums)}
 
-    def add(self, doc: Document, text: str, before: int, after: int) -> None:
-        """Count ``doc`` (whose measured text is ``text``) with its token counts before and after."""
-        counts = (len(text.encode("utf-8")), len(text.split()), before, after)
+    def add(self, source: str, file_type: str, num_bytes: int, words: int, before: int, after: int) -> None:
+        """Count one document of ``source`` and ``file_type``: its measured text's UTF-8 bytes and
+        whitespace-separated words, and its tokens before and after."""
+        counts = (num_bytes, words, before, after)
         self.total.add(*counts)
-        self.groups["by_source"][doc.source].add(*counts)
-        self.groups["by_file_type"][doc.file_type].add(*counts)
+        self.groups["by_source"][source].add(*counts)
+        self.groups["by_file_type"][file_type].add(*counts)
 
     def stats(self) -> dict:
         stats = self.total.stats()
@@ -81,7 +82,8 @@ def corpus_stats(corpus: Corpus, texts: list[str], before: list[list[int]], afte
     """
     sums = CorpusSums()
     for doc, text, ids_before, ids_after in zip(corpus.documents, texts, before, after):
-        sums.add(doc, text, len(ids_before), len(ids_after))
+        sums.add(doc.source, doc.file_type, len(text.encode("utf-8")), len(text.split()), len(ids_before),
+                 len(ids_after))
     stats = sums.stats()
     if adapted_sp is not None:
         decoded = adapted_sp.decode(after)
