@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dapt.compat import sentencepiece_model_pb2 as sp_pb2
 from dapt.corpus import Corpus, looks_like_blob
@@ -28,12 +28,18 @@ class Candidates:
 
 @dataclass
 class Selection:
-    """The pieces a method adds (in id order), their domain use, and method-specific facts."""
+    """The pieces a method adds (in id order), their domain use, and method-specific facts (``details``, for
+    the report); for the plot, how the count came about: the pieces ranked by use (``ranking``), those kept
+    for their own use (``chosen``, in rank order; the rest of ``pieces`` are building blocks), and whether
+    the ``max_added_tokens`` cap decided (``capped``)."""
 
     pieces: list[str]
     piece_type: int
     domain_use: dict[str, int]
     details: dict
+    ranking: list[tuple[str, int]] = field(default_factory=list)
+    chosen: list[str] = field(default_factory=list)
+    capped: bool = False
 
 
 def _texts_of(corpus: Corpus | Iterable[str]) -> Iterable[str]:

@@ -42,6 +42,7 @@ def select_chipnemo(
     ranked = sorted(((uses[first_new + k], p) for k, p in enumerate(candidates.pieces) if uses[first_new + k] > 0),
                     key=lambda item: (-item[0], item[1]))
     keep = cumulative_cut([count for count, _ in ranked], threshold)
+    by_threshold = keep
     if max_added is not None:
         keep = min(keep, max_added)
     chosen = ranked[:keep]
@@ -50,4 +51,7 @@ def select_chipnemo(
         piece_type=USER_DEFINED,
         domain_use={p: c for c, p in chosen},
         details={"used_candidates": len(ranked), "kept_by_threshold": keep},
+        ranking=[(p, c) for c, p in ranked],
+        chosen=[p for _, p in chosen],
+        capped=keep < by_threshold,
     )

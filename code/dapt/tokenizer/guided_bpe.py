@@ -316,7 +316,18 @@ def ancestors(merges: Sequence[Merge]) -> dict[str, tuple[str, str]]:
     return {m.piece: (m.left, m.right) for m in merges}
 
 
-def select_by_use(result: BPEResult, threshold: float, max_pieces: int | None = None) -> list[Merge]:
+@dataclass
+class UseCut:
+    """What :func:`cut_by_use` kept and why: the pieces ranked by use, the ones kept for their own use (in
+    rank order), and how many of those were passed over because their building blocks did not fit the cap."""
+
+    kept: list[Merge]
+    ranking: list[tuple[str, int]]
+    chosen: list[str]
+    skipped: int
+
+
+def cut_by_use(result: BPEResult, threshold: float, max_pieces: int | None = None) -> UseCut:
     """Keep the most-used pieces up to ``threshold`` of all uses, plus every piece they are built from.
 
     The cut is the smallest prefix of pieces sorted by use whose cumulative share
@@ -328,16 +339,25 @@ def select_by_use(result: BPEResult, threshold: float, max_pieces: int | None = 
     by_use = sorted(result.final_use.items(), key=lambda item: (-item[1], item[0]))
     total = sum(use for _, use in by_use)
     keep: set[str] = set()
+    chosen: list[str] = []
+    skipped = 0
     covered = 0
     for piece, use in by_use:
         if total and covered / total >= threshold:
             break
         closure = _closure(piece, parents) - keep
         if max_pieces is not None and len(keep) + len(closure) > max_pieces:
+            skipped += 1
             continue
         keep |= closure
+        chosen.append(piece)
         covered += use
-    return [m for m in result.merges if m.piece in keep]
+    return UseCut([m for m in result.merges if m.piece in keep], by_use, chosen, skipped)
+
+
+def select_by_use(result: BPEResult, threshold: float, max_pieces: int | None = None) -> list[Merge]:
+    """The merges :func:`cut_by_use` keeps, in merge order."""
+    return cut_by_use(result, threshold, max_pieces).kept
 
 
 def _closure(piece: str, parents: dict[str, tuple[str, str]]) -> set[str]:
@@ -364,12 +384,16 @@ def select_guided_bpe(
         pairs, vocab, max_merges=budget, general_penalty=general_penalty, min_domain_count=min_domain_count,
         guide=guide, guide_bonus=guide_bonus, split_digits=base.trainer_spec.split_digits,
     )
-    kept = select_by_use(result, threshold, max_added)
+    cut = cut_by_use(result, threshold, max_added)
+    kept = cut.kept
     candidate_set = set(candidates.pieces)
     return Selection(
         pieces=[m.piece for m in kept],
         piece_type=NORMAL,
         domain_use={m.piece: result.final_use.get(m.piece, 0) for m in kept},
+        ranking=cut.ranking,
+        chosen=cut.chosen,
+        capped=cut.skipped > 0 or len(result.merges) == max_added,
         details={
             "merges_learned": len(result.merges),
             "merges_kept": len(kept),

@@ -157,7 +157,9 @@ def adapt_tokenizer(config: TokenizerConfig) -> Path:
         lines = training_lines(domain, pool, config.max_training_lines)
         clock.lap("read domain data")
         settings = dict(LLAMA2_TRAINER_SETTINGS, character_coverage=base.trainer_spec.character_coverage or 0.99995)
+        training = {"seen": lines.seen, "used": len(lines.result())}
         pool.start_long("train", TrainDomainTokenizer(lines.result(), config.domain_vocab_size, settings))
+        del lines  # the worker has them
         before_domain, domain_words = base_pass(domain, pool, base, count_words=guided)
         clock.lap("domain pass (base segmentation)")
         before_general, general_words = base_pass(general, pool, base, count_words=guided)
@@ -206,7 +208,7 @@ def adapt_tokenizer(config: TokenizerConfig) -> Path:
     }
     with stage_output(config.output, "tokenizer", config, inputs) as tmp:
         _write_folder(tmp, base, domain_model, adapted, selection, candidates, config, clock)
-        report = _write_report(tmp, base, adapted, selection, candidates, lines, config, clock, workers_cpu)
+        report = _write_report(tmp, base, adapted, selection, candidates, training, config, clock, workers_cpu)
     from dapt.tokenizer import report as tokenizer_report
 
     print(tokenizer_report.summary_line(report, config.output))
@@ -253,7 +255,7 @@ def _write_folder(tmp: Path, base: sp_pb2.ModelProto, domain_model: sp_pb2.Model
 
 
 def _write_report(tmp: Path, base: sp_pb2.ModelProto, adapted: _Adapted, selection: Selection,
-                  candidates: Candidates, lines, config: TokenizerConfig, clock: _StageClock,
+                  candidates: Candidates, training: dict, config: TokenizerConfig, clock: _StageClock,
                   workers_cpu: float) -> dict:
     """``report.json`` (held-out corpora measured here) and the plots."""
     from dapt.tokenizer import plots
@@ -277,8 +279,9 @@ def _write_report(tmp: Path, base: sp_pb2.ModelProto, adapted: _Adapted, selecti
         "reachability": adapted.reach,
     })
     clock.lap("report")
-    report["training_lines"] = {"seen": lines.seen, "used": len(lines.result())}
-    plots.plot_cumulative_use(selection.domain_use, config.freq_threshold, tmp / "cumulative_use.png")
+    report["training_lines"] = training
+    plots.plot_cumulative_use(selection, adapted.pieces, config.freq_threshold, config.max_added_tokens,
+                              config.method, tmp / "cumulative_use.png")
     plots.plot_compression(report, tmp / "compression_by_file_type.png")
     clock.lap("plots")
     report["seconds"] = clock.wall

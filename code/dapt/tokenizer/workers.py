@@ -4,7 +4,9 @@ A pass is a :class:`Job`: the parent reads the corpus and sends it in batches; e
 ``job.batch`` on the batches it gets (its small per-batch answer comes back to the parent, which takes
 them in corpus order) and keeps the large running totals itself (word counts, token uses) until
 ``job.finish``. One worker at a time can also run a long task (the domain tokenizer's training) while the
-others run passes. With one worker everything runs in this process, in the same order of operations.
+others run passes. With one worker everything runs in this process, in the same order of operations; a
+batch holding a very long document (:data:`INLINE_CHARS`) is processed in this process too, since sending
+it to a worker would hold it twice (and its pickled copy).
 Results never depend on the number of workers: what the workers return is summed or merged in batch order.
 """
 
@@ -23,6 +25,7 @@ from dapt.tokenizer.sentencepiece_model import TokenizerError
 
 MAX_IN_FLIGHT = 2  # batches sent to one worker and not answered yet
 WINDOW_PER_WORKER = 4  # batches answered out of order that the parent keeps before it waits
+INLINE_CHARS = 16_000_000  # a batch this long is processed here: copying it to a worker would double its memory
 
 
 class Job(Protocol):
@@ -173,6 +176,11 @@ class WorkerPool:
         answers: dict[int, Any] = {}
         state = {"sent": 0, "collected": 0}
 
+        def drain() -> None:
+            while state["collected"] in answers:
+                collect(answers.pop(state["collected"]))
+                state["collected"] += 1
+
         def take_one() -> None:
             message = None
             while message is None:
@@ -180,18 +188,26 @@ class WorkerPool:
             _, worker, index, answer = message
             in_flight[worker] -= 1
             answers[index] = answer
-            while state["collected"] in answers:
-                collect(answers.pop(state["collected"]))
-                state["collected"] += 1
+            drain()
 
+        local = None  # this process's copy of the job, for very long batches
         for items in batches:
             while (min(in_flight.values()) >= MAX_IN_FLIGHT
                    or state["sent"] - state["collected"] >= WINDOW_PER_WORKER * len(free)):
                 take_one()
-            worker = min(in_flight, key=in_flight.__getitem__)
-            self.tasks[worker].put(("batch", state["sent"], items, extra()))
-            in_flight[worker] += 1
-            state["sent"] += 1
+            if sum(len(item.text) for item in items) > INLINE_CHARS:
+                if local is None:
+                    local = pickle.loads(pickle.dumps(job))
+                    local.start()
+                answers[state["sent"]] = local.batch(items, extra())
+                state["sent"] += 1
+                drain()
+            else:
+                worker = min(in_flight, key=in_flight.__getitem__)
+                self.tasks[worker].put(("batch", state["sent"], items, extra()))
+                in_flight[worker] += 1
+                state["sent"] += 1
+            del items
         while state["collected"] < state["sent"]:
             take_one()
         for worker in free:
@@ -201,7 +217,7 @@ class WorkerPool:
             message = self._receive()
             if message is not None:
                 finals[message[1]] = message[2]
-        return [finals[w] for w in sorted(finals)]
+        return [finals[w] for w in sorted(finals)] + ([local.finish()] if local is not None else [])
 
     def start_long(self, name: str, task: LongTask) -> None:
         """Run ``task`` on one worker, which runs no passes until it is done (at least one other must be free)."""
