@@ -13,8 +13,8 @@ from pathlib import Path
 from dapt.artifacts import stage_output
 from dapt.config import DEFAULT_GENERAL_DATA, DEFAULT_OUTPUTS, param
 from dapt.corpus import load_corpus
-from dapt.tokenizer.domain_tokenizer import LLAMA2_TRAINER_SETTINGS, train_sentencepiece
-from dapt.tokenizer.sentencepiece_model import TOKENIZER_FILE
+from dapt.tokenizer.domain_tokenizer import LLAMA2_TRAINER_SETTINGS, MIN_VOCAB_SIZE, WHY_MIN, train_sentencepiece
+from dapt.tokenizer.sentencepiece_model import TOKENIZER_FILE, TokenizerError
 
 
 @dataclass
@@ -29,6 +29,8 @@ class BaseTokenizerConfig:
 
 def train_base_tokenizer(config: BaseTokenizerConfig) -> Path:
     """Train the miniature base tokenizer and write ``tokenizer.model`` into the output folder."""
+    if config.vocab_size < MIN_VOCAB_SIZE:
+        raise TokenizerError(f"--vocab-size {config.vocab_size}: must be at least {MIN_VOCAB_SIZE} {WHY_MIN}.")
     corpus = load_corpus(config.general_data, "general", config.text_keys)
     inputs = {"general_data": corpus.summary()}
     with stage_output(config.output, "base-tokenizer", config, inputs) as tmp:

@@ -20,11 +20,11 @@ _CHUNK = re.compile(r" +[^ ]*|[^ ]+")
 SEGMENT_CHARS = 1_000_000  # a document longer than this is taken in pieces of about this size
 
 
-def line_slices(text: str, size: int = SEGMENT_CHARS) -> Iterator[str]:
-    """``text`` in consecutive slices of about ``size`` characters, each ending just after a line break.
-
-    A slice is longer only where one line is; the slices' concatenation is ``text``.
+def line_slices(text: str, size: int | None = None) -> Iterator[str]:
+    """``text`` in consecutive slices of about ``size`` (default :data:`SEGMENT_CHARS`) characters, each
+    ending just after a line break. A slice is longer only where one line is; their concatenation is ``text``.
     """
+    size = size or SEGMENT_CHARS
     start, end = 0, len(text)
     while end - start > size:
         cut = text.rfind("\n", start, start + size) + 1

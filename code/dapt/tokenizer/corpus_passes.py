@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from dapt.compat import sentencepiece_model_pb2 as sp_pb2
 from dapt.corpus import CorpusCounter, iter_batches, mask_blobs_by_line
+from dapt.tokenizer import chunked_encoding
 from dapt.tokenizer.candidates import DocumentFrequency
-from dapt.tokenizer.chunked_encoding import SEGMENT_CHARS, ChunkEncoder, chunk_aligned, line_slices
+from dapt.tokenizer.chunked_encoding import ChunkEncoder, chunk_aligned, line_slices
 from dapt.tokenizer.domain_tokenizer import TrainingLines
 from dapt.tokenizer.guided_bpe import WordCounter
 from dapt.tokenizer.report import CorpusSums
@@ -93,12 +94,12 @@ Pool = InlinePool | WorkerPool
 def measured_pieces(text: str, mask: bool, whole: bool = False) -> Iterator[str]:
     """The text a pass measures (blobs masked if asked), in pieces cut at chunk starts.
 
-    A document of at most :data:`SEGMENT_CHARS` characters is one piece; a longer one is masked line
+    A document of at most :data:`~.chunked_encoding.SEGMENT_CHARS` characters is one piece; a longer one is masked line
     slice by line slice (no blob crosses a line break) and re-cut at chunk starts, so encoding the pieces
     one by one (the first with the dummy prefix) gives the ids of the whole. ``whole``: one piece always
     (for a model whose pieces may span chunks).
     """
-    if len(text) <= SEGMENT_CHARS:
+    if len(text) <= chunked_encoding.SEGMENT_CHARS:
         yield mask_blobs_by_line(text) if mask else text
         return
     slices = line_slices(text)
@@ -166,7 +167,7 @@ class TrainingLinesJob:
     def batch(self, items: list[Item], cutoff: tuple[int, str] | None) -> TrainingLines:
         sample = TrainingLines(self.limit, cutoff)
         for item in items:
-            if len(item.text) <= SEGMENT_CHARS:
+            if len(item.text) <= chunked_encoding.SEGMENT_CHARS:
                 sample.add(mask_blobs_by_line(item.text) if self.mask else item.text)
             else:
                 for piece in line_slices(item.text):

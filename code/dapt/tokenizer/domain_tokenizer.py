@@ -44,6 +44,8 @@ LLAMA2_TRAINER_SETTINGS = {
 
 
 TRAINING_THREADS = 2  # SentencePiece's trainer: 1, 2 and 4 threads give three different models
+MIN_VOCAB_SIZE = 260  # with byte fallback: 256 byte pieces, <unk>, <s>, </s>, and at least one more
+WHY_MIN = "(256 byte-fallback pieces and 3 special pieces come first)"
 
 
 def _training_lines(texts: Iterable[str]) -> list[str]:

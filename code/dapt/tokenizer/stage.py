@@ -30,7 +30,7 @@ from dapt.tokenizer.corpus_passes import (
     document_frequency,
     training_lines,
 )
-from dapt.tokenizer.domain_tokenizer import LLAMA2_TRAINER_SETTINGS, TrainDomainTokenizer
+from dapt.tokenizer.domain_tokenizer import LLAMA2_TRAINER_SETTINGS, MIN_VOCAB_SIZE, WHY_MIN, TrainDomainTokenizer
 from dapt.tokenizer.extend import extend_model, pad_vocabulary
 from dapt.tokenizer.hf_files import write_hf_tokenizer
 from dapt.tokenizer.reachability import prune_unused, reachability
@@ -72,7 +72,7 @@ class TokenizerConfig:
 def _validate(config: TokenizerConfig) -> None:
     """Refuse numbers that cannot work, naming the option and the value given."""
     checks = [
-        ("domain_vocab_size", config.domain_vocab_size >= 100, "at least 100"),
+        ("domain_vocab_size", config.domain_vocab_size >= MIN_VOCAB_SIZE, f"at least {MIN_VOCAB_SIZE} {WHY_MIN}"),
         ("occur_limit", config.occur_limit >= 0, "0 or more"),
         ("freq_threshold", 0 < config.freq_threshold <= 1, "above 0 and at most 1"),
         ("max_added_tokens", config.max_added_tokens is None or config.max_added_tokens >= 1,
