@@ -12,6 +12,12 @@ is reachable by SentencePiece's own merge procedure.
 Because every new piece is a NORMAL piece scored below every base piece,
 SentencePiece first reproduces the base segmentation exactly and only then applies
 new merges, each of which removes a token: no text can get longer.
+
+The module is longer than its siblings and reads best whole, in order: the word
+model (symbols, words, counts), the pair statistics, the merge loop, the cut by use
+and the selection share one argument (every new piece is a merge of two pieces that
+the base segmentation, or an earlier new piece, already produces), which splitting
+them would scatter.
 """
 
 from __future__ import annotations
