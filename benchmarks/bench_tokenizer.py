@@ -1,17 +1,20 @@
-"""Tokenizer-stage benchmark: per-stage timings on ../shared/data and a scale run on repeated corpora.
+"""Tokenizer-stage benchmark: per-stage timings on ../shared/data, worker scaling, and a scale run.
 
-    python benchmarks/bench_tokenizer.py [--only stages scale] [--sizes-mb 100 300 1000]
-                                         [--output outputs/benchmarks/tokenizer.json]
+    python benchmarks/bench_tokenizer.py [--only stages scale] [--workers 1 2] [--repeat 3]
+                                         [--sizes-mb 100 300 1000] [--output outputs/benchmarks/tokenizer.json]
 
-``stages``: the whole adaptation (Llama 2 tokenizer, ``--max-added-tokens 4374``) on ../shared/data for both
-methods, each in a fresh child process; wall and CPU seconds per stage come from report.json
-(``seconds``, ``cpu_seconds``; the domain tokenizer trains in a child process of its own, in parallel).
-Target: whole adaptation under 20 s wall on 2 idle cores (default method).
+``stages``: the whole adaptation (Llama 2 tokenizer, the full-size profiles' domain vocabulary of 16,000,
+``--max-added-tokens 4374``) on ../shared/data for both methods, each in a fresh child process, once per
+``--workers`` count, ``--repeat`` times (medians reported); wall and CPU seconds per step come from
+report.json (``seconds``, ``cpu_seconds``; the workers' CPU is one entry). With two or more worker counts it
+reports the scaling efficiency ``T(w1) * w1 / (T(w) * w)``. Target: whole adaptation under 20 s wall on 2 idle
+cores (default method).
 
 ``scale``: domain AND general training corpora both repeated by the same factor so that their total is
 about each size in ``--sizes-mb`` (written as JSONL under a temporary folder in /tmp, deleted afterwards);
-each run in a child process, default method, whose peak memory is the sum of its own peak RSS (VmHWM)
-and its children's (the training process). Targets: peak memory under 2 GB, time about linear in size.
+each run in a child process, default method, whose peak memory is its own peak RSS (VmHWM) plus the
+largest of its worker processes' (ru_maxrss of the children; with several workers the sum can be higher).
+Targets: peak memory under 2 GB, time about linear in size.
 Timings are only meaningful on an otherwise idle machine. Prints markdown and writes JSON.
 """
 
@@ -32,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 WALL_TARGET_S = 20.0
 MEMORY_TARGET_MIB = 2048
+FULL_SIZE_DOMAIN_VOCAB = 16000  # the GPU profiles' domain vocabulary (the stage's default is the tiny profile's)
 
 # Runs in a fresh interpreter: the adaptation with the given parameters, then its peak memory.
 CHILD = """
@@ -72,28 +76,48 @@ def _base_config(data: Path, base: Path, output: Path) -> dict:
         "base_tokenizer": base, "domain_data": data / "domain", "general_data": data / "general",
         "heldout_domain": data / "heldout" / "domain_heldout.jsonl",
         "heldout_general": data / "heldout" / "general_heldout.jsonl",
-        "output": output, "max_added_tokens": 4374,
+        "output": output, "max_added_tokens": 4374, "domain_vocab_size": FULL_SIZE_DOMAIN_VOCAB,
     }
 
 
-def bench_stages(data: Path, base: Path, scratch: Path) -> dict:
-    """The whole adaptation on ../shared/data, both methods, with per-stage wall and CPU seconds."""
-    results = {}
-    for method in ("guided-bpe", "chipnemo"):
-        config = dict(_base_config(data, base, scratch / method), method=method)
-        run = _run_child(config)
-        report = run["report"]
-        results[method] = {
-            "wall_s": round(run["measured"]["wall_s"], 2),
-            "cpu_s": round(run["measured"]["cpu_s"], 2),
-            "training_child_cpu_s": round(run["measured"]["children_cpu_s"], 2),
-            "peak_total_mib": round(run["measured"]["peak_total_mib"]),
-            "stage_wall_s": report["seconds"],
-            "stage_cpu_s": report["cpu_seconds"],
-            "added_tokens": report["added_tokens"],
-            "domain_heldout_change_percent": report["corpora"]["domain_heldout"]["change_percent"],
-        }
-    results["meets_wall_target"] = results["guided-bpe"]["wall_s"] < WALL_TARGET_S
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def bench_stages(data: Path, base: Path, scratch: Path, workers: list[int], repeat: int) -> dict:
+    """The whole adaptation on ../shared/data, both methods, per worker count, with per-step seconds."""
+    results: dict = {"workers": {}}
+    for count in workers:
+        per_method = {}
+        for method in ("guided-bpe", "chipnemo"):
+            runs = [_run_child(dict(_base_config(data, base, scratch / f"{method}-{count}-{k}"), method=method,
+                                    workers=count)) for k in range(repeat)]
+            walls = [run["measured"]["wall_s"] for run in runs]
+            middle = runs[walls.index(sorted(walls)[len(walls) // 2])]
+            report = middle["report"]
+            per_method[method] = {
+                "wall_s": round(_median(walls), 2),
+                "wall_s_all": [round(w, 2) for w in walls],
+                "cpu_s": round(middle["measured"]["cpu_s"], 2),
+                "workers_cpu_s": round(middle["measured"]["children_cpu_s"], 2),
+                "peak_total_mib": round(middle["measured"]["peak_total_mib"]),
+                "stage_wall_s": report["seconds"],
+                "stage_cpu_s": report["cpu_seconds"],
+                "added_tokens": report["added_tokens"],
+                "domain_heldout_change_percent": report["corpora"]["domain_heldout"]["change_percent"],
+                "input_mb": round((report["corpora"]["domain_train"]["bytes"]
+                                   + report["corpora"]["general_train"]["bytes"]) / 1e6, 2),
+            }
+        results["workers"][str(count)] = per_method
+    first = str(workers[0])
+    results["scaling_efficiency"] = {
+        method: {str(w): round(results["workers"][first][method]["wall_s"] * workers[0]
+                               / (results["workers"][str(w)][method]["wall_s"] * w), 3) for w in workers}
+        for method in ("guided-bpe", "chipnemo")
+    }
+    results["meets_wall_target"] = min(r["guided-bpe"]["wall_s"] for r in results["workers"].values()) < WALL_TARGET_S
     return results
 
 
@@ -134,7 +158,7 @@ def bench_scale(data: Path, base: Path, scratch: Path, sizes_mb: list[int]) -> d
             "cpu_s": round(measured["cpu_s"] + measured["children_cpu_s"], 1),
             "peak_total_mib": round(measured["peak_total_mib"]),
             "peak_parent_mib": round(measured["peak_rss_mib"]),
-            "peak_training_child_mib": round(measured["children_peak_rss_mib"]),
+            "peak_largest_worker_mib": round(measured["children_peak_rss_mib"]),
             "training_lines": run["report"]["training_lines"],
             "stage_wall_s": run["report"]["seconds"],
         })
@@ -151,18 +175,21 @@ def _markdown(results: dict) -> str:
     lines = []
     stages = results.get("stages")
     if stages and "skipped" not in stages:
-        methods = [m for m in ("guided-bpe", "chipnemo") if m in stages]
-        names = list(dict.fromkeys(n for m in methods for n in stages[m]["stage_cpu_s"]))
-        lines += ["| stage | " + " | ".join(f"{m} wall s | {m} CPU s" for m in methods) + " |",
-                  "|---|" + "---:|---:|" * len(methods)]
-        for name in names:
-            cells = [f"{stages[m]['stage_wall_s'].get(name, '')} | {stages[m]['stage_cpu_s'].get(name, '')}"
-                     for m in methods]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("| **whole adaptation** | " + " | ".join(
-            f"**{stages[m]['wall_s']}** | {stages[m]['cpu_s']} + {stages[m]['training_child_cpu_s']} (child)"
-            for m in methods) + " |")
-        lines.append(f"\nwall target < {WALL_TARGET_S} s (guided-bpe): {stages['meets_wall_target']}\n")
+        for count, per_method in stages["workers"].items():
+            methods = [m for m in ("guided-bpe", "chipnemo") if m in per_method]
+            names = list(dict.fromkeys(n for m in methods for n in per_method[m]["stage_cpu_s"]))
+            lines += [f"\n**{count} worker(s)** (median of {len(per_method[methods[0]]['wall_s_all'])} runs)\n",
+                      "| step | " + " | ".join(f"{m} wall s | {m} CPU s" for m in methods) + " |",
+                      "|---|" + "---:|---:|" * len(methods)]
+            for name in names:
+                cells = [f"{per_method[m]['stage_wall_s'].get(name, '')} | {per_method[m]['stage_cpu_s'].get(name, '')}"
+                         for m in methods]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("| **whole adaptation** | " + " | ".join(
+                f"**{per_method[m]['wall_s']}** ({', '.join(map(str, per_method[m]['wall_s_all']))}) | "
+                f"{per_method[m]['cpu_s']} + {per_method[m]['workers_cpu_s']} (workers)" for m in methods) + " |")
+        lines.append(f"\nscaling efficiency T(w1) x w1 / (T(w) x w): {json.dumps(stages['scaling_efficiency'])}")
+        lines.append(f"wall target < {WALL_TARGET_S} s (guided-bpe): {stages['meets_wall_target']}\n")
     scale = results.get("scale")
     if scale and "skipped" not in scale:
         lines += ["| input MB (domain + general) | repeat | wall s | CPU s | s per GB | peak MiB "
@@ -184,6 +211,9 @@ def main() -> int:
     parser.add_argument("--base-tokenizer", type=Path,
                         default=SHARED / "models" / "llama2-tokenizer" / "tokenizer.model")
     parser.add_argument("--only", nargs="+", choices=["stages", "scale"], default=["stages", "scale"])
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2],
+                        help="worker counts of the stages runs (the first is the scaling reference)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per method and worker count (median)")
     parser.add_argument("--sizes-mb", nargs="+", type=int, default=[100, 300, 1000],
                         help="total input sizes of the scale run (domain + general, repeated)")
     parser.add_argument("--output", type=Path, default=REPO / "outputs" / "benchmarks" / "tokenizer.json")
@@ -196,7 +226,8 @@ def main() -> int:
             if missing:
                 results[part] = {"skipped": f"{', '.join(map(str, missing))} absent (needs ../shared)"}
             elif part == "stages":
-                results[part] = bench_stages(args.data, args.base_tokenizer, Path(tmp) / "stages")
+                results[part] = bench_stages(args.data, args.base_tokenizer, Path(tmp) / "stages", args.workers,
+                                             args.repeat)
             else:
                 results[part] = bench_scale(args.data, args.base_tokenizer, Path(tmp) / "scale", args.sizes_mb)
     results["total_seconds"] = round(time.perf_counter() - started, 1)

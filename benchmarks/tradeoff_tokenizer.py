@@ -2,15 +2,17 @@
 
     python benchmarks/tradeoff_tokenizer.py [--shared ../shared] [--budgets 1000 2000 4000 8000]
 
-Builds the adapted tokenizer (``python -m dapt tokenizer``) on ``../shared/data`` with the real
-Llama 2 tokenizer, sequentially (about a minute per build on 2 cores):
+Builds the adapted tokenizer (the stage ``python -m dapt tokenizer`` runs, called through its Python entry
+``dapt.tokenizer.adapt_tokenizer``, in a fresh process per build, so that "no cap" can be asked for) on
+``../shared/data`` with the real Llama 2 tokenizer, sequentially (about a minute per build on 2 cores):
 
-* the sweep: ``--method guided-bpe`` and ``--method chipnemo`` at each ``--max-added-tokens``
-  budget, both with ``--domain-vocab-size 32000`` (so chipnemo has enough candidates for 8,000);
-  chipnemo also with ``--freq-threshold 1.0``, so the cap and not the 98% cut sets its count;
-* the default settings of each method (no options besides the paths);
+* the sweep: ``method="guided-bpe"`` and ``method="chipnemo"`` at each ``max_added_tokens`` budget,
+  both with ``domain_vocab_size=32000`` (so chipnemo has enough candidates for 8,000); chipnemo also
+  with ``freq_threshold=1.0``, so the cap and not the 98% cut sets its count;
+* the full-size profiles' settings of each method (``domain_vocab_size=16000``, no cap; the stage's
+  own defaults are the tiny profile's);
 * the headline: guided-bpe capped at 4,374 added tokens (the original recipe's count) against
-  chipnemo at its defaults, as a markdown table from ``dapt.tokenizer_report.comparison_table``.
+  chipnemo at the full-size settings, as a markdown table from ``dapt.tokenizer.report.comparison_table``.
 
 Each run's folder (with its report.json) stays under ``--work``. Writes the results as JSON
 (``--json``) and the trade-off plot (``--plot``), and prints both tables. Skips with a reason
@@ -32,54 +34,64 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO / "code"))  # a PYTHONPATH or installed dapt comes first
 
 import dapt  # noqa: E402
-from dapt.tokenizer_report import comparison_table  # noqa: E402
+from dapt.tokenizer.report import comparison_table  # noqa: E402
 
 HEADLINE_CAP = 4374  # tokens the original recipe added on ../shared/data (issue 2)
 SWEEP_DOMAIN_VOCAB = 32000
+FULL_SIZE = {"domain_vocab_size": 16000, "max_added_tokens": None}  # the GPU profiles' values
+
+# Runs in a fresh interpreter: one adaptation with the TokenizerConfig fields given as JSON.
+CHILD = """
+import json, sys
+from pathlib import Path
+from dapt.tokenizer import TokenizerConfig, adapt_tokenizer
+fields = json.loads(sys.argv[1])
+paths = ("base_tokenizer", "domain_data", "general_data", "heldout_domain", "heldout_general", "output")
+adapt_tokenizer(TokenizerConfig(**{k: Path(v) if k in paths else v for k, v in fields.items()}))
+"""
 
 
 @dataclass
 class Run:
-    """One tokenizer build: a name, the method and the options beyond the data paths."""
+    """One tokenizer build: a name, the method and the TokenizerConfig fields beyond the data paths."""
 
     name: str
     method: str
-    options: list[str] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
     group: str = "sweep"
 
 
 def plan_runs(budgets: list[int]) -> list[Run]:
-    """The sweep over budgets for both methods, the two default runs and the headline guided-bpe run."""
+    """The sweep over budgets for both methods, the two full-size runs and the headline guided-bpe run."""
     runs = []
     for method in ("guided-bpe", "chipnemo"):
         for budget in budgets:
-            options = ["--max-added-tokens", str(budget), "--domain-vocab-size", str(SWEEP_DOMAIN_VOCAB)]
+            options = {"max_added_tokens": budget, "domain_vocab_size": SWEEP_DOMAIN_VOCAB}
             if method == "chipnemo":
-                options += ["--freq-threshold", "1.0"]
+                options["freq_threshold"] = 1.0
             runs.append(Run(f"{method}-cap{budget}", method, options))
-    runs.append(Run("guided-bpe-default", "guided-bpe", group="default"))
-    runs.append(Run("chipnemo-default", "chipnemo", group="default"))
+    runs.append(Run("guided-bpe-default", "guided-bpe", dict(FULL_SIZE), group="default"))
+    runs.append(Run("chipnemo-default", "chipnemo", dict(FULL_SIZE), group="default"))
     runs.append(Run(f"guided-bpe-cap{HEADLINE_CAP}", "guided-bpe",
-                    ["--max-added-tokens", str(HEADLINE_CAP)], group="headline"))
+                    dict(FULL_SIZE, max_added_tokens=HEADLINE_CAP), group="headline"))
     return runs
 
 
-def data_options(shared: Path) -> list[str]:
-    """The CLI options naming the base tokenizer and the corpora in ``shared``."""
+def data_options(shared: Path) -> dict[str, str]:
+    """The config fields naming the base tokenizer and the corpora in ``shared``."""
     data = shared / "data"
-    return [
-        "--base-tokenizer", str(shared / "models" / "llama2-tokenizer" / "tokenizer.model"),
-        "--domain-data", str(data / "domain"),
-        "--general-data", str(data / "general"),
-        "--heldout-domain", str(data / "heldout" / "domain_heldout.jsonl"),
-        "--heldout-general", str(data / "heldout" / "general_heldout.jsonl"),
-    ]
+    return {
+        "base_tokenizer": str(shared / "models" / "llama2-tokenizer" / "tokenizer.model"),
+        "domain_data": str(data / "domain"),
+        "general_data": str(data / "general"),
+        "heldout_domain": str(data / "heldout" / "domain_heldout.jsonl"),
+        "heldout_general": str(data / "heldout" / "general_heldout.jsonl"),
+    }
 
 
 def missing_inputs(shared: Path) -> list[str]:
     """Paths the runs need that do not exist."""
-    options = data_options(shared)
-    return [value for value in options[1::2] if not Path(value).exists()]
+    return [value for value in data_options(shared).values() if not Path(value).exists()]
 
 
 def build(run: Run, shared: Path, work: Path, reuse: bool) -> tuple[dict, float | None]:
@@ -91,11 +103,10 @@ def build(run: Run, shared: Path, work: Path, reuse: bool) -> tuple[dict, float 
     env = dict(os.environ)
     package_root = str(Path(dapt.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    command = [sys.executable, "-m", "dapt", "tokenizer", "--method", run.method, *run.options,
-               *data_options(shared), "--output", str(output)]
-    print(f"[{run.name}] {' '.join(command[1:])}", file=sys.stderr, flush=True)
+    fields = {"method": run.method, **run.options, **data_options(shared), "output": str(output)}
+    print(f"[{run.name}] adapt_tokenizer(TokenizerConfig(**{json.dumps(fields)}))", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    subprocess.run(command, check=True, env=env)
+    subprocess.run([sys.executable, "-c", CHILD, json.dumps(fields)], check=True, env=env)
     seconds = time.perf_counter() - started
     return json.loads(report_path.read_text(encoding="utf-8")), seconds
 
@@ -154,25 +165,29 @@ def plot_tradeoff(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     colours = {"guided-bpe": "tab:blue", "chipnemo": "tab:orange"}
-    panels = (("domain_heldout_change_percent", "domain held-out tokens, change %"),
-              ("general_heldout_change_percent", "general held-out tokens, change %"))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = (("domain_heldout_change_percent", "domain held-out text (fewer tokens: lower)"),
+              ("general_heldout_change_percent", "general held-out text (should stay near 0)"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, (key, title) in zip(axes, panels):
         for method, colour in colours.items():
             sweep = sorted((r for r in rows if r["method"] == method and r["group"] == "sweep"),
                            key=lambda r: r["added_tokens"])
             ax.plot([r["added_tokens"] for r in sweep], [r[key] for r in sweep], "o-", color=colour,
-                    label=f"{method} (cap sweep)")
+                    label=f"{method}, cap sweep (domain vocabulary {SWEEP_DOMAIN_VOCAB:,})")
             others = [r for r in rows if r["method"] == method and r["group"] != "sweep"]
             ax.plot([r["added_tokens"] for r in others], [r[key] for r in others], "*", color=colour,
-                    markersize=12, linestyle="none", label=f"{method} (default / headline)")
+                    markersize=12, linestyle="none", label=f"{method}, domain vocabulary 16,000")
+            for r in others:
+                text = "no cap" if r["group"] == "default" else f"cap {HEADLINE_CAP:,}"
+                ax.annotate(text, (r["added_tokens"], r[key]), xytext=(6, 4), textcoords="offset points",
+                            fontsize=7, color=colour)
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_xlabel("added tokens (before padding)")
+        ax.set_ylabel("token count change vs Llama 2 (%)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("token count change vs Llama 2 (%)")
-    axes[1].legend(fontsize=8)
-    fig.suptitle("Llama 2 tokenizer adapted on ../shared/data: held-out compression vs added tokens")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Llama 2 tokenizer adapted on ../shared/data: held-out token count against added tokens")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -203,7 +218,7 @@ def main() -> int:
 
     headline = comparison_table({
         f"guided-bpe (cap {HEADLINE_CAP:,})": reports[f"guided-bpe-cap{HEADLINE_CAP}"],
-        "chipnemo (defaults)": reports["chipnemo-default"],
+        "chipnemo (full-size settings)": reports["chipnemo-default"],
     })
     plot_tradeoff(rows, args.plot)
     result = {"dapt_package": str(Path(dapt.__file__).resolve().parent), "runs": rows,

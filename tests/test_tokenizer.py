@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+import tokenizer_golden as golden
 
-from dapt import guided_bpe
 from dapt.cli import main as cli
 from dapt.corpus import load_corpus, mask_blobs, mask_blobs_by_line
 from dapt.tokenizer import (
@@ -20,14 +20,14 @@ from dapt.tokenizer import (
     NORMAL,
     USER_DEFINED,
     ChunkEncoder,
-    TrainingLines,
-    _training_lines,
-    cumulative_cut,
-    general_document_frequency,
+    guided_bpe,
     hf_tokenizer_files,
     load_proto,
     processor,
 )
+from dapt.tokenizer.candidates import general_document_frequency
+from dapt.tokenizer.chipnemo import cumulative_cut
+from dapt.tokenizer.domain_tokenizer import TrainingLines, _training_lines
 
 
 def _run(shared_data: Path, llama2_tokenizer: Path, output: Path, *extra: str) -> int:
@@ -40,18 +40,51 @@ def _run(shared_data: Path, llama2_tokenizer: Path, output: Path, *extra: str) -
     ])
 
 
+def _shared_case(method: str, shared_data: Path, out: Path) -> Path:
+    """One of the ../shared cases of tokenizer_golden.py (Llama 2, domain vocabulary 8,000, cap 1,500)."""
+    roots = golden.shared_inputs(shared_data.parent)
+    assert cli(golden.tokenizer_arguments(roots, method, golden.SHARED_OPTIONS, out)) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def guided(shared_data: Path, llama2_tokenizer: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("guided") / "tok"
-    assert _run(shared_data, llama2_tokenizer, out, "--max-added-tokens", "1500") == 0
-    return out
+    return _shared_case("guided-bpe", shared_data, tmp_path_factory.mktemp("guided") / "tok")
 
 
 @pytest.fixture(scope="module")
 def chipnemo(shared_data: Path, llama2_tokenizer: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("chipnemo") / "tok"
-    assert _run(shared_data, llama2_tokenizer, out, "--method", "chipnemo") == 0
-    return out
+    return _shared_case("chipnemo", shared_data, tmp_path_factory.mktemp("chipnemo") / "tok")
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The tiny profile's inputs (embedded sample, miniature base) and both methods' folders at its values."""
+    folder = tmp_path_factory.mktemp("tiny")
+    roots = golden.tiny_inputs(folder, cli)
+    outputs = {}
+    for method in golden.METHODS:
+        outputs[method] = folder / method
+        assert cli(golden.tokenizer_arguments(roots, method, golden.TINY_OPTIONS, outputs[method])) == 0
+    return roots, outputs
+
+
+@pytest.mark.parametrize("case", [f"{suite}-{method}" for suite in ("tiny", "shared") for method in golden.METHODS])
+def test_outputs_equal_the_recorded_pre_split_outputs(case: str, request) -> None:
+    """tokenizer.model, the HF files, domain_tokens.json and report.json (timings aside) are byte for byte those
+    the code before the package split wrote on the same inputs with the same library versions."""
+    suite, method = case.split("-", 1)
+    if suite == "tiny":
+        roots, outputs = request.getfixturevalue("tiny_runs")
+        folder = outputs[method]
+    else:
+        folder = request.getfixturevalue("guided" if method == "guided-bpe" else "chipnemo")
+        roots = golden.shared_inputs(request.getfixturevalue("shared_data").parent)
+    inputs, digests = golden.case_fingerprints(suite, roots, folder)
+    record, why = golden.matching_record(case, golden.library_versions(), inputs)
+    if record is None:
+        pytest.skip(why)
+    assert digests == record["outputs"], f"{case}: outputs differ from those of commit {record['commit']}"
 
 
 def test_trainer_settings_are_llama2s(llama2_tokenizer: Path) -> None:
@@ -230,19 +263,157 @@ def test_learn_merges_on_a_toy_corpus() -> None:
     assert kept[-1].piece == "▁always" and len(kept) == len(result.merges)
 
 
-def test_two_runs_give_byte_identical_tokenizers(shared_data: Path, llama2_tokenizer: Path, tmp_path: Path) -> None:
-    small = ["--domain-data", str(shared_data / "heldout" / "domain_heldout.jsonl"),
-             "--general-data", str(shared_data / "heldout" / "general_heldout.jsonl"), "--domain-vocab-size", "2000",
-             "--max-added-tokens", "200"]
-    first, second = tmp_path / "first", tmp_path / "second"
-    assert _run(shared_data, llama2_tokenizer, first, *small) == 0
-    assert _run(shared_data, llama2_tokenizer, second, *small, "--workers", "1") == 0
-    for name in ("tokenizer.model", "domain_tokenizer.model", DOMAIN_TOKENS_FILE):
+def _same_outputs(first: Path, second: Path) -> None:
+    for name in ("tokenizer.model", "tokenizer.json", "domain_tokenizer.model", DOMAIN_TOKENS_FILE):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     reports = [json.loads((folder / "report.json").read_text()) for folder in (first, second)]
     for report in reports:
         del report["seconds"], report["cpu_seconds"], report["selection"]["bpe_seconds"]
     assert reports[0] == reports[1]
+
+
+def test_outputs_do_not_depend_on_the_number_of_workers(shared_data: Path, llama2_tokenizer: Path,
+                                                         tmp_path: Path) -> None:
+    """One worker (everything in this process) and three (passes on two while the third trains)."""
+    small = ["--domain-data", str(shared_data / "heldout" / "domain_heldout.jsonl"),
+             "--general-data", str(shared_data / "heldout" / "general_heldout.jsonl"), "--domain-vocab-size", "2000",
+             "--max-added-tokens", "200"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _run(shared_data, llama2_tokenizer, first, *small, "--workers", "1") == 0
+    assert _run(shared_data, llama2_tokenizer, second, *small, "--workers", "3") == 0
+    _same_outputs(first, second)
+
+
+def _one_document(source: Path, target: Path) -> Path:
+    """All documents of ``source`` (a JSONL file) joined into one, in a JSONL file of its own."""
+    texts = [d.text for d in load_corpus(source, "joined").documents]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({"text": "\n\n".join(texts), "file_type": "joined"}) + "\n", encoding="utf-8")
+    return target
+
+
+def test_one_long_document_gives_the_same_tokenizer_taken_in_pieces(shared_data: Path, llama2_tokenizer: Path,
+                                                                   tmp_path: Path, monkeypatch) -> None:
+    """The held-out files as one document each (700 KB and 400 KB): measured whole (they are shorter than
+    SEGMENT_CHARS) and in pieces of 20,000 characters in this process (INLINE_CHARS lowered), the stage's
+    outputs are the same: the pieces give the ids, word counts and document counts of the whole."""
+    from dapt.tokenizer import chunked_encoding, workers
+
+    held = shared_data / "heldout"
+    options = ["--domain-data", str(_one_document(held / "domain_heldout.jsonl", tmp_path / "d" / "one.jsonl")),
+               "--general-data", str(_one_document(held / "general_heldout.jsonl", tmp_path / "g" / "one.jsonl")),
+               "--domain-vocab-size", "2000", "--max-added-tokens", "300", "--workers", "2"]
+    whole, pieces = tmp_path / "whole", tmp_path / "pieces"
+    assert _run(shared_data, llama2_tokenizer, whole, *options) == 0
+    monkeypatch.setattr(chunked_encoding, "SEGMENT_CHARS", 20_000)
+    monkeypatch.setattr(workers, "INLINE_CHARS", 100_000)
+    assert _run(shared_data, llama2_tokenizer, pieces, *options) == 0
+    _same_outputs(whole, pieces)
+    assert json.loads((whole / "report.json").read_text())["added_tokens"] > 100
+
+
+def test_pieces_of_a_long_document_give_its_ids(shared_data: Path, llama2_tokenizer: Path, monkeypatch) -> None:
+    """Blob-masked pieces cut at chunk starts, encoded one by one, give SentencePiece's ids of the whole
+    masked document; the pieces' general-document counts are the whole's, even for pieces spanning a cut."""
+    from dapt.tokenizer import chunked_encoding
+    from dapt.tokenizer.candidates import DocumentFrequency
+    from dapt.tokenizer.corpus_passes import measured_pieces
+
+    texts = [d.text for d in load_corpus(shared_data / "heldout" / "domain_heldout.jsonl", "d").documents]
+    text = "\n\n".join(texts) + "  end 0xDEADBEEF01  with   spaces  \n  and\n\n  dump " + "ab " * 20
+    monkeypatch.setattr(chunked_encoding, "SEGMENT_CHARS", 5_000)
+    pieces = list(measured_pieces(text, mask=True))
+    masked = mask_blobs_by_line(text)
+    assert len(pieces) > 50 and "".join(pieces) == masked
+    base = load_proto(llama2_tokenizer)
+    encoder = ChunkEncoder(base)
+    ids = []
+    for number, piece in enumerate(pieces):
+        units = encoder.units(piece, first=number == 0)
+        encoder.prepare(units)
+        ids.extend(encoder.ids(units))
+    assert ids == processor(base).encode(masked)
+    spanning = [masked[cut - 3:cut + 4].replace(" ", "▁") for cut in (5_000, 10_000, 15_000)]
+    counter = DocumentFrequency(["▁module", "▁endmodule", "ab▁ab", *spanning])
+    counter.add(text)
+    whole = general_document_frequency(["▁module", "▁endmodule", "ab▁ab", *spanning], [text])
+    assert counter.counts == whole and all(whole[p] == 1 for p in spanning)
+
+
+def test_defaults_are_the_notebooks_tiny_values() -> None:
+    """`python -m dapt tokenizer` with no options does what the notebook does on the tiny profile."""
+    import re
+
+    from dapt.config import REPO_ROOT
+    from dapt.tokenizer import TokenizerConfig
+
+    notebook = "".join("".join(cell["source"]) for cell in json.loads(
+        (REPO_ROOT / "code" / "custom_tokenization.ipynb").read_text())["cells"])
+    vocab = re.search(r"domain_vocab_size = DOMAIN_VOCAB_SIZE or \((\d+) if tiny else (\d+)\)", notebook)
+    cap = re.search(r"max_added_tokens = MAX_ADDED_TOKENS or \((\d+) if tiny else None\)", notebook)
+    config = TokenizerConfig()
+    assert (config.domain_vocab_size, config.max_added_tokens) == (int(vocab.group(1)), int(cap.group(1)))
+    assert (config.domain_vocab_size, config.max_added_tokens) == (4000, 1024)
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--workers", "-1"), ("--domain-vocab-size", "10"), ("--freq-threshold", "0"), ("--freq-threshold", "1.5"),
+    ("--max-added-tokens", "0"), ("--max-tensor-parallel", "0"), ("--occur-limit", "-1"), ("--min-reserved", "-1"),
+    ("--max-training-lines", "0"), ("--general-penalty", "nan"), ("--guide-bonus", "-1.0"),
+    ("--min-domain-count", "-2"),
+])
+def test_numbers_that_cannot_work_are_refused(option: str, value: str, tmp_path: Path, capsys) -> None:
+    """Exit 2 before any work, one line naming the option and the value given, no folder written."""
+    out = tmp_path / "tok"
+    assert cli(["tokenizer", option, value, "--output", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert f"{option} {value}" in error and "must be" in error and "Traceback" not in error
+    assert not out.exists()
+
+
+def test_base_tokenizer_refuses_a_vocabulary_too_small(tmp_path: Path, capsys) -> None:
+    assert cli(["base-tokenizer", "--vocab-size", "0", "--output", str(tmp_path / "base")]) == 2
+    assert "--vocab-size 0: must be at least 260" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("corpus", ["domain", "general"])
+def test_a_lone_surrogate_is_refused_naming_file_and_line(corpus: str, shared_data: Path, llama2_tokenizer: Path,
+                                                         tmp_path: Path, capsys) -> None:
+    """A record holding "\\ud800" (valid JSON, not encodable text): exit 2 and a message naming the file and line.
+
+    The refusal belongs to corpus reading (dapt.corpus, for every stage); this checks the tokenizer stage gets it."""
+
+    bad = tmp_path / corpus / "bad.jsonl"
+    bad.parent.mkdir()
+    bad.write_text('{"text": "fine text"}\n{"text": "abc \\ud800 def"}\n', encoding="utf-8")
+    data = {"domain": shared_data / "heldout" / "domain_heldout.jsonl",
+            "general": shared_data / "heldout" / "general_heldout.jsonl", corpus: bad.parent}
+    out = tmp_path / "tok"
+    code = cli(["tokenizer", "--base-tokenizer", str(llama2_tokenizer), "--domain-data", str(data["domain"]),
+                "--general-data", str(data["general"]), "--domain-vocab-size", "2000", "--output", str(out)])
+    error = capsys.readouterr().err
+    assert code == 2 and f"{bad}:2" in error and "Traceback" not in error
+    assert not out.exists() and not list(tmp_path.glob(".tok.*"))
+
+
+def test_the_cumulative_use_plots_account_adds_up() -> None:
+    """The note on cumulative_use.png: chosen + building blocks - pruned = added; the cap is named."""
+    from dapt.tokenizer.candidates import Selection
+    from dapt.tokenizer.plots import selection_account
+
+    ranking = [(f"p{k}", 100 - k) for k in range(90)]
+    selection = Selection(pieces=[f"p{k}" for k in range(60)] + ["b1", "b2", "unused"], piece_type=NORMAL,
+                          domain_use={}, details={"merges_learned": 64}, ranking=ranking,
+                          chosen=[f"p{k}" for k in range(60)], capped=False)
+    added = [p for p in selection.pieces if p != "unused"]
+    note = "\n".join(selection_account(selection, added, 0.98, 64, "guided-bpe"))
+    assert "64 merges learned (stopped at the cap, --max-added-tokens 64)" in note
+    assert "90 of them are used" in note and "60 kept for their own use" in note
+    assert "+ 3 building blocks" in note and "- 1 never produced" in note and "= 62 tokens added" in note
+    chipnemo = Selection(pieces=["a", "b"], piece_type=USER_DEFINED, domain_use={}, details={},
+                         ranking=[("a", 50), ("b", 30), ("c", 20)], chosen=["a", "b"], capped=True)
+    note = "\n".join(selection_account(chipnemo, ["a", "b"], 0.98, 2, "chipnemo"))
+    assert "the 3 most used reach 98%" in note and "capped at 2 (--max-added-tokens)" in note
 
 
 def test_fast_blob_masking_equals_the_pattern(shared_data: Path) -> None:

@@ -1,5 +1,5 @@
-"""What the adapted tokenizer changes: token counts before and after, per corpus, source and file type,
-round trips, fast-tokenizer agreement, and the plots that show it."""
+"""Recipe step 7: what the adapted tokenizer changes, measured: token counts before and after, per corpus,
+source and file type, round trips, and the fast tokenizer's agreement with SentencePiece (plots: :mod:`.plots`)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 from dapt.compat import sentencepiece_model_pb2 as sp_pb2
-from dapt.corpus import Corpus, CorpusError, Document, load_corpus
-
-
-def _processor(model: sp_pb2.ModelProto) -> spm.SentencePieceProcessor:
-    return spm.SentencePieceProcessor(model_proto=model.SerializeToString())
+from dapt.corpus import Corpus, CorpusError, load_corpus
+from dapt.tokenizer.sentencepiece_model import processor
 
 
 def _ratio(after: int, before: int) -> float:
@@ -62,12 +59,13 @@ class CorpusSums:
         self.groups: dict[str, dict[str, GroupSums]] = {"by_source": defaultdict(GroupSums),
                                                         "by_file_type": defaultdict(GroupSums)}
 
-    def add(self, doc: Document, text: str, before: int, after: int) -> None:
-        """Count ``doc`` (whose measured text is ``text``) with its token counts before and after."""
-        counts = (len(text.encode("utf-8")), len(text.split()), before, after)
+    def add(self, source: str, file_type: str, num_bytes: int, words: int, before: int, after: int) -> None:
+        """Count one document of ``source`` and ``file_type``: its measured text's UTF-8 bytes and
+        whitespace-separated words, and its tokens before and after."""
+        counts = (num_bytes, words, before, after)
         self.total.add(*counts)
-        self.groups["by_source"][doc.source].add(*counts)
-        self.groups["by_file_type"][doc.file_type].add(*counts)
+        self.groups["by_source"][source].add(*counts)
+        self.groups["by_file_type"][file_type].add(*counts)
 
     def stats(self) -> dict:
         stats = self.total.stats()
@@ -84,7 +82,8 @@ def corpus_stats(corpus: Corpus, texts: list[str], before: list[list[int]], afte
     """
     sums = CorpusSums()
     for doc, text, ids_before, ids_after in zip(corpus.documents, texts, before, after):
-        sums.add(doc, text, len(ids_before), len(ids_after))
+        sums.add(doc.source, doc.file_type, len(text.encode("utf-8")), len(text.split()), len(ids_before),
+                 len(ids_after))
     stats = sums.stats()
     if adapted_sp is not None:
         decoded = adapted_sp.decode(after)
@@ -127,7 +126,7 @@ def build_report(base: sp_pb2.ModelProto, adapted: sp_pb2.ModelProto, folder: Pa
     ``train`` holds the training corpora's statistics, already streamed by the caller
     (:class:`CorpusSums`); the small held-out corpora are read and encoded here.
     """
-    base_sp, adapted_sp = _processor(base), _processor(adapted)
+    base_sp, adapted_sp = processor(base), processor(adapted)
     report: dict = {"corpora": dict(train), "hf_agreement": {}}
     for name, path in heldout.items():
         corpus = _optional_corpus(path, name, text_keys)
@@ -151,52 +150,6 @@ def summary_line(report: dict, output: Path) -> str:
         lines.append(f"  {name:16s} {stats['change_percent']:+7.2f}% tokens, "
                      f"{stats['documents_longer']} docs longer{extra}")
     return "\n".join(lines)
-
-
-def plot_cumulative_use(domain_use: dict[str, int], threshold: float, path: Path) -> None:
-    """Cumulative share of new-token uses against the number of tokens kept, with the threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    counts = np.sort(np.asarray(list(domain_use.values()) or [0], dtype=float))[::-1]
-    share = np.cumsum(counts) / max(counts.sum(), 1.0)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(np.arange(1, len(share) + 1), share)
-    ax.axhline(threshold, color="red", linestyle="--", label=f"threshold {threshold:g}")
-    ax.set_xlabel("added tokens, most used first")
-    ax.set_ylabel("cumulative share of uses on domain data")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_compression(report: dict, path: Path) -> None:
-    """Bytes per token before and after, per file type of the domain training data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    per_type = report["corpora"]["domain_train"]["by_file_type"]
-    names = sorted(per_type, key=lambda n: -per_type[n]["bytes"])[:12]
-    before = [per_type[n]["bytes_per_token_before"] for n in names]
-    after = [per_type[n]["bytes_per_token_after"] for n in names]
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(x - 0.2, before, 0.4, label="base")
-    ax.bar(x + 0.2, after, 0.4, label="adapted")
-    ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set_ylabel("bytes per token (higher is better)")
-    ax.set_title(f"domain compression by file type ({report['method']})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def comparison_table(reports: dict[str, dict]) -> str:

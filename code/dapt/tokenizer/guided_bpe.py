@@ -1,4 +1,5 @@
-"""Continued BPE merges on top of a SentencePiece BPE model's own segmentation.
+"""Recipe step 3, the default method (``--method guided-bpe``): continued BPE merges on top of the base
+model's own segmentation, guided by the domain tokenizer.
 
 The base model segments the domain (and general) corpus; its final pieces become
 the starting symbols. New merges are learned over those symbols, word by word, and
@@ -11,17 +12,28 @@ is reachable by SentencePiece's own merge procedure.
 Because every new piece is a NORMAL piece scored below every base piece,
 SentencePiece first reproduces the base segmentation exactly and only then applies
 new merges, each of which removes a token: no text can get longer.
+
+The module is longer than its siblings and reads best whole, in order: the word
+model (symbols, words, counts), the pair statistics, the merge loop, the cut by use
+and the selection share one argument (every new piece is a merge of two pieces that
+the base segmentation, or an earlier new piece, already produces), which splitting
+them would scatter.
 """
 
 from __future__ import annotations
 
 import heapq
 import re
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
+
+from dapt.compat import sentencepiece_model_pb2 as sp_pb2
+from dapt.tokenizer.candidates import Candidates, Selection
+from dapt.tokenizer.sentencepiece_model import NORMAL
 
 WORD_START = "▁"
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -310,7 +322,18 @@ def ancestors(merges: Sequence[Merge]) -> dict[str, tuple[str, str]]:
     return {m.piece: (m.left, m.right) for m in merges}
 
 
-def select_by_use(result: BPEResult, threshold: float, max_pieces: int | None = None) -> list[Merge]:
+@dataclass
+class UseCut:
+    """What :func:`cut_by_use` kept and why: the pieces ranked by use, the ones kept for their own use (in
+    rank order), and how many of those were passed over because their building blocks did not fit the cap."""
+
+    kept: list[Merge]
+    ranking: list[tuple[str, int]]
+    chosen: list[str]
+    skipped: int
+
+
+def cut_by_use(result: BPEResult, threshold: float, max_pieces: int | None = None) -> UseCut:
     """Keep the most-used pieces up to ``threshold`` of all uses, plus every piece they are built from.
 
     The cut is the smallest prefix of pieces sorted by use whose cumulative share
@@ -322,16 +345,25 @@ def select_by_use(result: BPEResult, threshold: float, max_pieces: int | None = 
     by_use = sorted(result.final_use.items(), key=lambda item: (-item[1], item[0]))
     total = sum(use for _, use in by_use)
     keep: set[str] = set()
+    chosen: list[str] = []
+    skipped = 0
     covered = 0
     for piece, use in by_use:
         if total and covered / total >= threshold:
             break
         closure = _closure(piece, parents) - keep
         if max_pieces is not None and len(keep) + len(closure) > max_pieces:
+            skipped += 1
             continue
         keep |= closure
+        chosen.append(piece)
         covered += use
-    return [m for m in result.merges if m.piece in keep]
+    return UseCut([m for m in result.merges if m.piece in keep], by_use, chosen, skipped)
+
+
+def select_by_use(result: BPEResult, threshold: float, max_pieces: int | None = None) -> list[Merge]:
+    """The merges :func:`cut_by_use` keeps, in merge order."""
+    return cut_by_use(result, threshold, max_pieces).kept
 
 
 def _closure(piece: str, parents: dict[str, tuple[str, str]]) -> set[str]:
@@ -342,3 +374,37 @@ def _closure(piece: str, parents: dict[str, tuple[str, str]]) -> set[str]:
             needed.add(current)
             stack.extend(parents[current])
     return needed
+
+
+def select_guided_bpe(
+    base: sp_pb2.ModelProto, candidates: Candidates, pairs: PairStats, threshold: float, max_added: int | None,
+    general_penalty: float, min_domain_count: int, guide_bonus: float,
+) -> Selection:
+    """Continued BPE over the base segmentation (``pairs``: :func:`pair_statistics`), guided by the candidates:
+    learn up to ``max_added`` merges (or as many as there are candidates), keep them by :func:`select_by_use`."""
+    vocab = {p.piece for p in base.pieces}
+    started = time.perf_counter()
+    guide = {c[i:j] for c in candidates.pieces for i in range(len(c)) for j in range(i + 2, len(c) + 1)}
+    budget = max_added or len(candidates.pieces)
+    result = learn_merges(
+        pairs, vocab, max_merges=budget, general_penalty=general_penalty, min_domain_count=min_domain_count,
+        guide=guide, guide_bonus=guide_bonus, split_digits=base.trainer_spec.split_digits,
+    )
+    cut = cut_by_use(result, threshold, max_added)
+    kept = cut.kept
+    candidate_set = set(candidates.pieces)
+    return Selection(
+        pieces=[m.piece for m in kept],
+        piece_type=NORMAL,
+        domain_use={m.piece: result.final_use.get(m.piece, 0) for m in kept},
+        ranking=cut.ranking,
+        chosen=cut.chosen,
+        capped=cut.skipped > 0 or len(result.merges) == max_added,
+        details={
+            "merges_learned": len(result.merges),
+            "merges_kept": len(kept),
+            "guided_pieces": sum(1 for m in kept if m.piece in guide),
+            "candidate_pieces_added": sum(1 for m in kept if m.piece in candidate_set),
+            "bpe_seconds": round(time.perf_counter() - started, 2),
+        },
+    )
