@@ -601,3 +601,27 @@ def test_export_refuses_numbers_that_cannot_work(option, value, tmp_path, tokeni
     error = capsys.readouterr().err
     assert status == 2 and f"{option} {value}" in error, error
     assert not (tmp_path / "export").exists()
+
+
+def test_generated_text_is_round_tripped_after_its_prompt(tokenizer_dir) -> None:
+    """A completion that starts with a space is no fault: checked after its prompt, it comes back whole."""
+    from transformers import AutoTokenizer
+
+    from dapt.smoke_test import _round_trip
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    text = " state_q <= 1'b0;\n  end"
+    alone = _round_trip(tokenizer, text)
+    assert not alone["passed"] and alone["decoded"] == text[1:], "SentencePiece drops the dummy-prefix space"
+    in_context = _round_trip(tokenizer, text, context="module counter (\n  input  logic clk,\n")
+    assert in_context["passed"] and in_context["decoded"] == text
+
+    class Lossy:  # a tokenizer that loses a character: the check must say so
+        def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+            return [ord(c) for c in text]
+
+        def decode(self, ids: list[int], **kwargs) -> str:
+            return "".join(chr(i) for i in ids if chr(i) != "q")
+
+    lossy = _round_trip(Lossy(), text, context="x")
+    assert not lossy["passed"] and "does not give this text back" in lossy["error"]

@@ -136,3 +136,19 @@ def test_unknown_lm_eval_task_is_refused_before_any_model_loads(lm_models, tmp_p
     with pytest.raises(GeneralEvalError, match="no_such_task"):
         evaluate(EvaluateConfig(models=(lm_models["a"],), output=tmp_path / "out", lm_eval_tasks=("no_such_task",)))
     assert not (tmp_path / "out").exists()
+
+
+def test_lm_eval_progress_bars_are_tqdm_auto_while_it_runs() -> None:
+    """In a notebook, lm-eval's console bars would add one output per refresh; tqdm.auto draws one widget."""
+    pytest.importorskip("lm_eval")
+    import importlib
+
+    from tqdm.auto import tqdm as auto_tqdm
+
+    from dapt.general_eval import _LM_EVAL_PROGRESS_MODULES, _auto_progress_bars
+
+    modules = [importlib.import_module(name) for name in _LM_EVAL_PROGRESS_MODULES]
+    before = [module.tqdm for module in modules]
+    with _auto_progress_bars():
+        assert all(module.tqdm is auto_tqdm for module in modules)
+    assert [module.tqdm for module in modules] == before

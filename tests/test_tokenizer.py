@@ -341,19 +341,26 @@ def test_pieces_of_a_long_document_give_its_ids(shared_data: Path, llama2_tokeni
 
 
 def test_defaults_are_the_notebooks_tiny_values() -> None:
-    """`python -m dapt tokenizer` with no options does what the notebook does on the tiny profile."""
-    import re
+    """`python -m dapt tokenizer` with no options does what the notebook does on the tiny profile.
 
-    from dapt.config import REPO_ROOT
+    The notebook leaves its size parameters at None and builds its config with ``config_for(TokenizerConfig,
+    PROFILE, ...)``, so both take the profile's values from one place; under a GPU profile both get the full sizes.
+    """
+    from dapt.cli import parse_stage
+    from dapt.config import REPO_ROOT, config_for
     from dapt.tokenizer import TokenizerConfig
 
     notebook = "".join("".join(cell["source"]) for cell in json.loads(
         (REPO_ROOT / "code" / "custom_tokenization.ipynb").read_text())["cells"])
-    vocab = re.search(r"domain_vocab_size = DOMAIN_VOCAB_SIZE or \((\d+) if tiny else (\d+)\)", notebook)
-    cap = re.search(r"max_added_tokens = MAX_ADDED_TOKENS or \((\d+) if tiny else None\)", notebook)
-    config = TokenizerConfig()
-    assert (config.domain_vocab_size, config.max_added_tokens) == (int(vocab.group(1)), int(cap.group(1)))
-    assert (config.domain_vocab_size, config.max_added_tokens) == (4000, 1024)
+    assert "DOMAIN_VOCAB_SIZE = None" in notebook and "MAX_ADDED_TOKENS = None" in notebook
+    assert "config_for(\n        TokenizerConfig, PROFILE," in notebook
+    sizes = ("domain_vocab_size", "max_added_tokens")
+    for profile, expected in (("tiny", (4000, 1024)), ("llama2-7b", (16000, None))):
+        notebook_config = config_for(TokenizerConfig, profile)
+        cli_config, _ = parse_stage("tokenizer", ["--profile", profile])
+        assert tuple(getattr(notebook_config, name) for name in sizes) == expected
+        assert tuple(getattr(cli_config, name) for name in sizes) == expected
+    assert tuple(getattr(TokenizerConfig(), name) for name in sizes) == (4000, 1024)
 
 
 @pytest.mark.parametrize(("option", "value"), [

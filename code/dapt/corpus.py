@@ -5,6 +5,9 @@ Corpora are JSONL files (one JSON object a line, the text under a configurable k
 included), as NeMo Curator writes them. ``.jsonl.gz``, ``.jsonl.zst``, ``.jsonl.bz2``
 and ``.jsonl.xz`` files are decompressed while they are read (streamed, never
 whole); a UTF-8 byte-order mark at the start of a file is skipped.
+
+Why the samples live here too (about 600 lines): the ``sample-data`` stage writes exactly the records this
+module reads, with the same blob masking; keeping writer and reader side by side keeps that format one definition.
 """
 
 from __future__ import annotations

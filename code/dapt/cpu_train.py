@@ -24,6 +24,10 @@ checkpoints and the stale output (``--on-changed-inputs refuse`` stops instead).
 Checkpoints hold no pickle files (:mod:`dapt.safe_checkpoint`): a checkpoint folder
 with files this stage did not write is refused, never loaded. Training stops at
 ``max_steps`` or when ``time_budget_s`` is spent, whichever comes first.
+
+Why one module (about 750 lines): its three parts, the Megatron-like sampling, the run identity that decides
+resume or restart, and the Trainer wiring, are one contract with the NeMo launch (the same files, the same
+meaning of each hyperparameter); they are reviewed together, top to bottom, whenever that contract changes.
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ tokens (CUDA: 16,384); a progress bar counts tokens, and the report gives tokens
 
 Beside bits per byte, lm-evaluation-harness tasks (:mod:`dapt.general_eval`) measure general capability:
 two local next-line tasks built from the held-out text by default, and any lm-eval task a user names.
+
+Why one module (about 600 lines): the definition above, the windows and batches that implement it, and the
+placement that must not change its numbers are checked against each other; reading them apart hides that.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ of the same size is refused. The verification runs where :mod:`dapt.device` says
 else the CPU in float32) and states the logit tolerance it used in ``verify.json``.
 
 The smoke test of a served export lives in :mod:`dapt.smoke_test`.
+
+Why one module (about 750 lines): each verification check mirrors one step of the export (files, vocabulary
+rows, tokenizer identity, chat template, logits), and a reader checks the pair side by side.
 """
 
 from __future__ import annotations

@@ -18,10 +18,11 @@ builder with ``data_files``), so nothing is fetched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,31 @@ def headline(result: dict[str, Any]) -> tuple[str, float | None, float | None]:
     return "none", None, None
 
 
+# lm-eval's modules that draw console progress bars (``from tqdm import tqdm``); in a notebook each refresh of
+# those becomes an output of its own (hundreds per model), so they draw tqdm.auto's widget bars there instead.
+_LM_EVAL_PROGRESS_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+@contextlib.contextmanager
+def _auto_progress_bars() -> Iterator[None]:
+    """While lm-eval runs, its progress bars are tqdm.auto's: widgets in Jupyter, the console bar elsewhere."""
+    import importlib
+
+    from tqdm.auto import tqdm as auto_tqdm
+
+    swapped = []
+    for name in _LM_EVAL_PROGRESS_MODULES:
+        module = importlib.import_module(name)
+        if hasattr(module, "tqdm"):
+            swapped.append((module, module.tqdm))
+            module.tqdm = auto_tqdm
+    try:
+        yield
+    finally:
+        for module, original in swapped:
+            module.tqdm = original
+
+
 def run_tasks(model: Any, tokenizer: Any, tasks: Sequence[str], manager: Any, *, limit: int | None,
               num_fewshot: int | None, batch_size: int, max_length: int | None) -> dict[str, dict[str, Any]]:
     """Run lm-eval ``tasks`` on a loaded HF causal LM and its HF tokenizer; per task: headline and all metrics."""
@@ -228,10 +254,11 @@ def run_tasks(model: Any, tokenizer: Any, tasks: Sequence[str], manager: Any, *,
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
-                  max_length=max_length, add_bos_token=True)
-        output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                         task_manager=manager, log_samples=False)
+        with _auto_progress_bars():
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
+                      max_length=max_length, add_bos_token=True)
+            output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                             task_manager=manager, log_samples=False)
     finally:
         quiet.setLevel(level)
     results = {}

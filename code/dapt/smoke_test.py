@@ -358,10 +358,29 @@ def served_models(config: SmokeTestConfig) -> tuple[list[str], str | None]:
     return names, None if names else f"GET {url} lists no model"
 
 
-def _round_trip(tokenizer: Any, text: str) -> dict:
-    ids = tokenizer.encode(text, add_special_tokens=False)
+def _round_trip(tokenizer: Any, text: str, context: str = "") -> dict:
+    """Encode ``context + text`` and decode it back: the same string, or the tokenizer loses text.
+
+    Generated text is checked after its context (the prompt), as it stands in the conversation: on its own, a
+    text that starts with a space would lose it to SentencePiece's dummy-prefix rule, which is no fault.
+    """
+    whole = context + text
+    ids = tokenizer.encode(whole, add_special_tokens=False)
     back = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    return {"passed": back == text, "tokens": len(ids), "text": text, "decoded": back}
+    result = {"passed": back == whole, "tokens": len(ids), "text": text, "decoded": back[len(context):]
+              if back.startswith(context) else back}
+    if context:
+        result["context_chars"] = len(context)
+    if not result["passed"]:
+        result["error"] = "the exported tokenizer does not give this text back after encoding it"
+    return result
+
+
+def _prompt_text(kind: str, prompt: Any) -> str:
+    """The text the answer follows: the completion prompt, or the chat's last message."""
+    if kind == "completion":
+        return str(prompt)
+    return str(prompt[-1]["content"]) + "\n" if prompt else ""
 
 
 def _prompt_tokens(tokenizer: Any, kind: str, prompt: Any) -> int:
@@ -382,8 +401,10 @@ def _check_answer(kind: str, answer: dict, prompt: Any, tokenizer: Any, max_toke
         result["error"] = f"server generated {usage['completion_tokens']} tokens > --max-tokens {max_tokens}"
     if tokenizer is None:
         return result
-    result["round_trip"] = _round_trip(tokenizer, text)
+    result["round_trip"] = _round_trip(tokenizer, text, context=_prompt_text(kind, prompt))
     result["passed"] &= result["round_trip"]["passed"]
+    if not result["round_trip"]["passed"]:
+        result["error"] = result["round_trip"]["error"]
     if usage and isinstance(usage.get("prompt_tokens"), int):
         local = _prompt_tokens(tokenizer, kind, prompt)
         result["prompt_tokens"] = {"server": usage["prompt_tokens"], "exported_tokenizer": local,
