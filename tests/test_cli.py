@@ -100,7 +100,7 @@ def test_bad_values_exit_2_without_traceback() -> None:
     result = _run("tokenizer", "--domain-vocab-size", "many")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     result = _run("tokenizer", "--profile", "llama3")
-    assert result.returncode == 2 and "'llama3' is not a profile" in result.stderr
+    assert result.returncode == 2 and "--profile llama3 is not a profile" in result.stderr
 
 
 def test_profile_defaults_move_outputs_and_sizes() -> None:

@@ -110,7 +110,7 @@ def _pre_parse(args: list[str]) -> argparse.Namespace:
     if known.profile is None:
         known.profile = str(known.file_options.get("profile", "tiny"))
     if known.profile not in PROFILES:
-        raise CliError(f"--profile {known.profile!r} is not a profile; choose one of: {', '.join(PROFILES)}")
+        raise CliError(f"--profile {known.profile} is not a profile; choose one of: {', '.join(PROFILES)}")
     return known
 
 

@@ -67,8 +67,8 @@ class LaunchPlan:
                  f"{profile.gpus_per_node} GPU(s), `bash {s.output / 'commands.sh'}`")
         return (f"In {CONTAINER_IMAGE} on {where} converts {s.hf_model} to {self.layout.converted} once, trains "
                 f"{s.max_steps} steps of {s.global_batch_size} sequences x {profile.seq_length} tokens (TP "
-                f"{profile.tensor_parallel}, PP {profile.pipeline_parallel}, {s.precision}), validating every "
-                f"{s.val_check_interval} steps, and writes the trained model to {self.trained_nemo}.")
+                f"{profile.tensor_parallel}, PP {profile.pipeline_parallel}, precision {s.precision}), validating "
+                f"every {s.val_check_interval} steps, and writes the trained model to {self.trained_nemo}.")
 
 
 def build_plan(config: LaunchConfig) -> LaunchPlan:
