@@ -2,10 +2,11 @@
 
 ``megatron_gpt_pretraining.py`` calls ``exp_manager(trainer, cfg.exp_manager)`` before it restores the ``.nemo``;
 with ``resume_if_exists`` exp_manager moves every file directly inside the log directory into ``run_N/``. Here the
-folder is laid out by running the generated ``commands.sh`` itself (stand-ins for the converter and torchrun write
-what they would), Slurm's log is created where ``#SBATCH --output`` says, and NeMo's own exp_manager runs with the
-composed config on a CPU Lightning trainer; then every file the next command reads must still be where that
-command looks for it. Again with a previous ``*-last`` checkpoint: the resume case.
+folder is laid out by running the generated ``commands.sh`` or ``dapt.sbatch`` itself (stand-ins for the converter,
+torchrun and srun write what they would; for a profile of several nodes ``commands.sh`` only converts and then
+points at ``dapt.sbatch``), Slurm's log is created where ``#SBATCH --output`` says, and NeMo's own exp_manager runs
+with the composed config on a CPU Lightning trainer; then every file the next command reads must still be where
+that command looks for it. Again with a previous ``*-last`` checkpoint: the resume case.
 
 :func:`exercise_run_folder` takes only the scripts' text and the composed config, so the same check runs on the
 layout of an older version of the stage (it failed there: the converted ``.nemo`` sat in the log directory).
@@ -51,12 +52,13 @@ def _cpu_trainer(cfg: dict[str, Any]):
                       limit_val_batches=trainer["limit_val_batches"], max_epochs=trainer["max_epochs"])
 
 
-def exercise_run_folder(commands_sh: Path, sbatch: str, cfg: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Run commands.sh (stand-ins), create Slurm's log, run NeMo's exp_manager twice (fresh, then resuming from
-    a ``*-last`` checkpoint); report the inputs missing after each, the trainers and the log dir."""
+def exercise_run_folder(script: Path, sbatch: str, cfg: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Run ``script`` (commands.sh or dapt.sbatch, with stand-ins), create Slurm's log, run NeMo's exp_manager
+    twice (fresh, then resuming from a ``*-last`` checkpoint); report the inputs missing after each, the trainers
+    and the log dir."""
     from nemo.utils.exp_manager import exp_manager
 
-    subprocess.run(["bash", str(commands_sh)], cwd=work, env=stub_env(work / "stubs"), check=True)
+    subprocess.run(["bash", str(script)], cwd=work, env=stub_env(work / "stubs"), check=True)
     slurm_log = _slurm_log(sbatch)
     slurm_log.parent.mkdir(parents=True, exist_ok=True)
     slurm_log.write_text("job 4242 started\n")
@@ -95,7 +97,17 @@ def test_c_exp_manager_leaves_every_input_where_the_next_command_reads_it(reques
     relocated.write_text((plan.settings.output / "commands.sh").read_text().replace(old, new))
     sbatch = (plan.settings.output / "dapt.sbatch").read_text().replace(old, new)
     cfg = _relocate(cfg, old, new)
-    report = exercise_run_folder(relocated, sbatch, cfg, work)
+    if plan.multinode and variant == "commands":  # converts, then refuses: several nodes train through sbatch
+        done = subprocess.run(["bash", str(relocated)], cwd=work, env=stub_env(work / "stubs"), capture_output=True,
+                              text=True)
+        assert done.returncode == 2 and "sbatch" in done.stderr
+        assert Path(cfg["model"]["restore_from_path"]).is_file()
+        return
+    script = relocated
+    if variant == "slurm":  # the folder as dapt.sbatch leaves it (the srun stand-in runs its command)
+        script = tmp_path / "dapt.sbatch"
+        script.write_text(sbatch)
+    report = exercise_run_folder(script, sbatch, cfg, work)
     assert report["first"]["missing"] == {} and report["resume"]["missing"] == {}
     resume = report["resume"]["trainer"]
     assert resume.ckpt_path == str(report["resume"]["checkpoint"])

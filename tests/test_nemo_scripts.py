@@ -54,6 +54,19 @@ def test_commands_sh_runs_exactly_our_commands(setup, tmp_path) -> None:
     assert [name for name, _ in _calls(tmp_path / "again")] == ["torchrun"]  # converted once: a rerun only trains
 
 
+def test_commands_sh_of_a_multinode_profile_converts_then_points_at_sbatch(setup, tmp_path) -> None:
+    """One node cannot train a profile of several nodes (Lightning stops at the world size): say what to run."""
+    plan = launch(_hostile_config(setup, tmp_path, profile="llama2-7b-multinode"))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    done = subprocess.run(["bash", str(plan.settings.output / "commands.sh")], cwd=work,
+                          env=stub_env(tmp_path / "stubs"), capture_output=True, text=True)
+    assert done.returncode == 2 and not list(tmp_path.rglob("pwned*"))
+    assert f"sbatch {plan.settings.output / 'dapt.sbatch'}" in done.stderr and "4 nodes x 8 GPUs" in done.stderr
+    assert _calls(tmp_path / "stubs") == [("python", plan.convert[1:])]  # converted, never a one-node torchrun
+    assert plan.layout.converted.is_file()
+
+
 def test_sbatch_script_runs_exactly_our_commands(setup, tmp_path) -> None:
     plan = launch(_hostile_config(setup, tmp_path, profile="llama2-7b-multinode", container_image=HOSTILE))
     script = (plan.settings.output / "dapt.sbatch").read_text()
