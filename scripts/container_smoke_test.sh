@@ -39,7 +39,11 @@ inside nvcr.io/nvidia/nemo:24.07 with --gpus all (or set DAPT_SMOKE_DRY_RUN=1 fo
 fi
 
 step "1/4 CPU: the tiny pipeline into $out"
-"$python" -m dapt sample-data
+# the embedded sample, only where it is absent (as notebook 1 does): never rebuilt under another Python, whose
+# standard library (the general sample's source) differs, so runs on one checkout keep the same data
+if ! compgen -G "code/data/*.jsonl" >/dev/null || ! compgen -G "code/heldout/general/*.jsonl" >/dev/null; then
+    "$python" -m dapt sample-data
+fi
 "$python" -m dapt base-tokenizer --output "$out/base_tokenizer"
 "$python" -m dapt base-model --tokenizer "$out/base_tokenizer/tokenizer.model" --output "$out/base_model" \
     --steps "$base_steps"

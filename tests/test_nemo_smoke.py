@@ -61,6 +61,16 @@ def test_bf16_round_trip_passes_and_a_wrong_layout_fails(tiny, tmp_path) -> None
     (tmp_path / "numbers.json").write_text(json.dumps({"bf16": bf16, "swapped": swapped}, indent=1))
 
 
+def _embedded_sample_digests() -> dict[str, str]:
+    """SHA-256 of the checkout's embedded sample files (code/data, code/general_data, code/heldout)."""
+    import hashlib
+
+    code = REPO / "code"
+    files = [*code.glob("data/*.jsonl"), *code.glob("general_data/*.jsonl"), *code.glob("heldout/*/*.jsonl")]
+    assert files, "the session's conftest builds the embedded sample first"
+    return {str(f.relative_to(code)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
 def test_script_says_its_gpu_part_was_not_run_and_runs_to_the_gpu(tmp_path) -> None:
     """Run where the script runs: the container's versions (CI's container-version environment stands in)."""
     text = SCRIPT.read_text()
@@ -68,8 +78,12 @@ def test_script_says_its_gpu_part_was_not_run_and_runs_to_the_gpu(tmp_path) -> N
     require_nemo()
     env = {**os.environ, "DAPT_SMOKE_OUTPUT": str(tmp_path / "smoke"), "DAPT_SMOKE_DRY_RUN": "1",
            "DAPT_SMOKE_BASE_STEPS": "2", "DAPT_SMOKE_STEPS": "5", "PYTHON": sys.executable}
+    sample = _embedded_sample_digests()
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # the checkout's sample is kept: rebuilt under this Python (another standard library, the general sample's
+    # source) it changed the data, and the numbers, of every later run on the checkout
+    assert _embedded_sample_digests() == sample
     plan = json.loads((tmp_path / "smoke" / "nemo_launch" / "launch_plan.json").read_text())
     assert plan["ready"] and "--nproc_per_node=1" in plan["pretrain_torchrun"]
     assert "trainer.precision=bf16-mixed" in plan["pretrain_torchrun"]

@@ -104,11 +104,13 @@ def loop(tmp_path_factory, pytestconfig) -> dict[str, Any]:
             executed[point][name] = target
         states[point] = _state(outputs / "tiny")
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")  # shown in CI's log, not captured
-    if reporter is not None:
-        reporter.write_line(f"\nnotebook seconds: {json.dumps(seconds)}")
-        for point, state in states.items():
-            reporter.write_line(f"{point}: tokenizer {state['tokenizer'][:12]}, bits/byte (domain, general) "
-                                f"{json.dumps(state['evaluation'])}")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\nnotebook seconds: {json.dumps(seconds)}")
+            for point, state in states.items():
+                reporter.write_line(f"{point}: tokenizer {state['tokenizer'][:12]}, bits/byte (domain, general) "
+                                    f"{json.dumps(state['evaluation'])}")
     return {"outputs": outputs, "executed": executed, "states": states}
 
 
